@@ -1,0 +1,1 @@
+"""Lightning callbacks of vquant-pl (installed as `vquant_pl.callbacks`)."""

@@ -1,0 +1,1 @@
+"""Lightning data modules of vquant-pl (installed as `vquant_pl.datamodules`)."""

@@ -1,0 +1,215 @@
+"""Model-level quantization: which layers, the probe rule, restore, determinism, errors."""
+import pytest
+import torch
+from torch import nn
+
+import vquant_pl as vq
+from vquant_pl.affine import ActivationQuantizer
+
+
+class Net(nn.Module):
+    """Conv -> ReLU -> Conv (subclass, in a ModuleList) -> ReLU -> pool -> Linear (in a ModuleDict)."""
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.ModuleList([Net.MyConv(8, 8, 3, padding=1), nn.BatchNorm2d(8)])
+        self.head = nn.ModuleDict({"fc": nn.Linear(8, 10)})
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.body[1](self.body[0](x)))
+        return self.head["fc"](x.mean((2, 3)))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, snapshot):
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    for k, v in snapshot.items():
+        assert torch.equal(state[k], v), k
+    for m in model.modules():
+        assert not m._forward_pre_hooks
+
+
+PROBE = vq.Probe(seed=3, shape=(4, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name,count", [("resnet18", 21), ("resnet50", 54), ("inceptionv3", 95),
+                                        ("sqnxt23_w2", 112), ("shufflenet_g1_w1", 50)])
+def test_paper_models_layer_counts(name, count):
+    from pytorchcv.model_provider import get_model
+
+    model = get_model(name, pretrained=False)
+    report = vq.quantize_model(model, weight_bits=4, act_bits=None)
+    assert report.num_layers == len(report.layers) == count
+    vq.restore_model(model)
+
+
+def test_timm_conv2d_same_and_subclasses_are_quantized():
+    import timm
+    from timm.layers import Conv2dSame
+
+    model = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=10).eval()
+    expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert any(isinstance(m, Conv2dSame) for m in model.modules())
+    report = vq.quantize_model(model, 8, 8, probe=vq.Probe(shape=(2, 3, 64, 64)))
+    assert [r.name for r in report.layers] == expected
+    assert "Conv2dSame" in {r.kind for r in report.layers}
+    vq.restore_model(model)
+
+
+def test_layers_in_containers_and_subclasses_keep_types_and_keys():
+    model = Net()
+    keys = list(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    report = vq.quantize_model(model, 4, 4, probe=PROBE)
+    assert [r.name for r in report.layers] == ["stem", "body.0", "head.fc"]
+    assert [r.kind for r in report.layers] == ["Conv2d", "MyConv", "Linear"]
+    assert list(model.state_dict()) == keys and [type(m) for m in model.modules()] == types
+    vq.restore_model(model)
+
+
+def test_probe_rule_is_progressive_first_float_last_8bit():
+    """Ranges measured on the input that reaches each layer from already quantized layers."""
+    torch.manual_seed(1)
+    model = Net().eval()
+    float_model = Net().eval()
+    float_model.load_state_dict(model.state_dict())
+    x = PROBE.tensor(PROBE.shape)
+    report = vq.quantize_model(model, weight_bits=4, act_bits=4, probe=PROBE)
+
+    def qw(layer):
+        return vq.quantize_weight(layer.weight, 4)
+
+    m = float_model
+    with torch.no_grad():
+        h = torch.relu(nn.functional.conv2d(x, qw(m.stem), m.stem.bias, padding=1))  # input float
+        lo1, hi1, s1 = vq.sigma_range(h, 4, 12.0)
+        h = ActivationQuantizer(4, lo1, hi1, s1)(h)
+        h = torch.relu(m.body[1](nn.functional.conv2d(h, qw(m.body[0]), m.body[0].bias, padding=1)))
+        h = h.mean((2, 3))
+        lo2, hi2, s2 = vq.sigma_range(h, 8, 12.0)  # last layer: 8 bits, the run's sigma, no clip
+        expected = nn.functional.linear(ActivationQuantizer(8, lo2, hi2, s2)(h), qw(m.head["fc"]), m.head["fc"].bias)
+        got = model(x)
+    rows = report.layers
+    assert rows[0].act_bits is None and rows[0].note.startswith("first layer")
+    assert (rows[1].act_bits, rows[1].act_lo, rows[1].act_hi, rows[1].signed) == (4, lo1, hi1, s1)
+    assert (rows[2].act_bits, rows[2].act_lo, rows[2].act_hi, rows[2].signed) == (8, lo2, hi2, s2)
+    assert torch.equal(got, expected)
+    vq.restore_model(model)
+
+
+def test_restore_is_bit_identical_and_weights_quantized_once():
+    model = Net().eval()
+    snapshot = _snapshot(model)
+    vq.quantize_model(model, 4, 4, probe=PROBE)
+    assert not torch.equal(model.stem.weight, snapshot["stem.weight"])
+    quantized = model.stem.weight.clone()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 16, 16))
+    assert torch.equal(model.stem.weight, quantized)
+    vq.restore_model(model)
+    _assert_same(model, snapshot)
+    assert not vq.is_quantized(model)
+
+
+def test_same_probe_same_result():
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    probe = torch.rand(4, 3, 16, 16)
+    ra = vq.quantize_model(a, 4, 4, probe=probe)
+    rb = vq.quantize_model(b, 4, 4, probe=probe.clone())
+    assert [(r.act_lo, r.act_hi, r.signed) for r in ra.layers] == [(r.act_lo, r.act_hi, r.signed) for r in rb.layers]
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), ka
+    vq.restore_model(a), vq.restore_model(b)
+    rc = vq.quantize_model(a, 4, 4, probe=vq.Probe(seed=3, shape=(4, 3, 16, 16)))
+    rd = vq.quantize_model(b, 4, 4, probe=vq.Probe(seed=3, shape=(4, 3, 16, 16)))
+    assert [r.act_hi for r in rc.layers] == [r.act_hi for r in rd.layers]
+
+
+def test_default_probe_is_256_at_model_input_size():
+    import timm
+
+    from vquant_pl.probe import model_input_size
+
+    model = Net()
+    model.in_size = (20, 24)  # as pytorchcv models carry it
+    seen = []
+    model.stem.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    vq.quantize_model(model, 8, 8)
+    assert seen == [(1, 3, 20, 24), (256, 3, 20, 24)]  # one-sample shape check, then the probe
+    vq.restore_model(model)
+    assert model_input_size(timm.create_model("inception_v3", pretrained=False)) == (299, 299)
+
+
+def test_report_has_layers_and_totals():
+    report = vq.quantize_model(Net(), 4, 4, probe=PROBE)
+    assert report.num_weights == 8 * 3 * 9 + 8 * 8 * 9 + 10 * 8
+    assert all(r.weight_mse > 0 and r.time_ms >= 0 for r in report.layers)
+    text = report.table()
+    assert "3 layers" in text and "body.0" in text and "W4A4 squant" in text
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(weight_bits=1), ValueError, "weight_bits must be an integer in 2..8, got 1"),
+    (dict(act_bits=9), ValueError, "act_bits must be an integer in 2..8, got 9"),
+    (dict(rounding="squant-z"), ValueError, "unknown rounding 'squant-z'"),
+    (dict(act_range="minmax"), ValueError, "unknown act_range 'minmax'"),
+    (dict(sigma=-1), ValueError, "sigma must be a positive number"),
+    (dict(probe=torch.rand(2, 1, 16, 16)), ValueError, r"probe of shape \(2, 1, 16, 16\) does not fit Net"),
+    (dict(probe=torch.rand(16, 16)), ValueError, r"probe of shape \(16, 16\) does not fit Net"),
+    (dict(probe="noise"), TypeError, "probe must be a Tensor"),
+])
+def test_bad_input_is_named_and_model_untouched(kwargs, error, match):
+    model = Net()
+    snapshot = _snapshot(model)
+    with pytest.raises(error, match=match):
+        vq.quantize_model(model, **({"probe": PROBE} | kwargs))
+    _assert_same(model, snapshot)
+    assert not vq.is_quantized(model)
+
+
+def test_failure_during_probe_pass_restores_model():
+    model = Net()
+    snapshot = _snapshot(model)
+    calls = []
+
+    def fail_on_probe(module, args):
+        calls.append(args[0].shape[0])
+        if args[0].shape[0] > 1:
+            raise RuntimeError("boom")
+    model.head["fc"].register_forward_pre_hook(fail_on_probe)
+    with pytest.raises(RuntimeError, match="probe pass through the quantized model failed: boom"):
+        vq.quantize_model(model, 4, 4, probe=PROBE)
+    model.head["fc"]._forward_pre_hooks.clear()
+    _assert_same(model, snapshot)
+
+
+def test_no_layers_and_double_quantization():
+    with pytest.raises(ValueError, match="Sequential has no Conv1d/Conv2d/Conv3d/Linear layer"):
+        vq.quantize_model(nn.Sequential(nn.ReLU()), 4, 4)
+    model = Net()
+    vq.quantize_model(model, 4, 4, probe=PROBE)
+    with pytest.raises(RuntimeError, match="already quantized"):
+        vq.quantize_model(model, 4, 4, probe=PROBE)
+    with pytest.raises(RuntimeError, match="layer 'fc' is already quantized"):
+        vq.quantize_model(model.head, 4, 4)
+    vq.restore_model(model)
+    with pytest.raises(ValueError, match="not quantized"):
+        vq.restore_model(model)
+
+
+def test_float_activations_leave_inputs_untouched():
+    model = Net()
+    report = vq.quantize_model(model, 4, act_bits=None)
+    assert report.act_bits is None and all(r.act_bits is None for r in report.layers)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    vq.restore_model(model)

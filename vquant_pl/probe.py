@@ -1,0 +1,64 @@
+"""The data-free probe: seeded uniform [0, 1) noise at the model's input size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_BATCH = 256
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe given by a seed and a shape; `shape=None` means `(256, C, H, W)` at the
+    model's input size. Two runs with the same Probe see the very same tensor."""
+
+    seed: int = 0
+    shape: Sequence[int] | None = None
+
+    def tensor(self, shape: Sequence[int]) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.rand(tuple(shape), generator=generator)
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) the model was built for, from pytorchcv (`in_size`) or timm (`pretrained_cfg`)."""
+    size = getattr(model, "in_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
+            return tuple(int(s) for s in cfg["input_size"][1:])  # type: ignore[return-value]
+    return None
+
+
+def default_probe_shape(model: nn.Module, first_layer: nn.Module) -> tuple[int, ...]:
+    """`(256, C, H, W)` for image models; `(256, in_features)` when the first layer is Linear."""
+    if isinstance(first_layer, nn.Linear):
+        return DEFAULT_BATCH, first_layer.in_features
+    if isinstance(first_layer, nn.Conv2d):
+        h, w = model_input_size(model) or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+        return DEFAULT_BATCH, first_layer.in_channels, h, w
+    raise ValueError(
+        f"cannot infer a probe shape for a model whose first layer is "
+        f"{type(first_layer).__name__}; pass probe=Probe(shape=...) or a probe tensor")
+
+
+def make_probe(probe: Tensor | Probe | None, model: nn.Module, first_layer: nn.Module,
+               device: torch.device) -> Tensor:
+    """The probe tensor on `device`, float32."""
+    if probe is None:
+        probe = Probe()
+    if isinstance(probe, Probe):
+        shape = probe.shape or default_probe_shape(model, first_layer)
+        probe = probe.tensor(shape)
+    if not isinstance(probe, Tensor):
+        raise TypeError(f"probe must be a Tensor, a vquant_pl.Probe or None, got {type(probe).__name__}")
+    if not probe.is_floating_point() or probe.dim() < 2 or probe.shape[0] < 1:
+        raise ValueError(f"probe must be a floating-point batch tensor [N, ...], got "
+                         f"{probe.dtype} of shape {tuple(probe.shape)}")
+    return probe.detach().to(device=device, dtype=torch.float32)
