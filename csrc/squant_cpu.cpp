@@ -99,9 +99,3 @@ torch::Tensor squant_round_cpu(torch::Tensor codes, int64_t bits, bool k_level, 
 }
 
 }  // namespace vquant
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("squant_round", &vquant::squant_round_cpu,
-        "SQuant rounding of real codes [OC, IC, K] (CPU)", py::arg("codes"), py::arg("bits"),
-        py::arg("k_level"), py::arg("c_level"));
-}

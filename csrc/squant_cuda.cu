@@ -165,9 +165,3 @@ torch::Tensor squant_round_cuda(torch::Tensor codes, int64_t bits, bool k_level,
 }
 
 }  // namespace vquant
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("squant_round", &vquant::squant_round_cuda,
-        "SQuant rounding of real codes [OC, IC, K] (CUDA)", py::arg("codes"), py::arg("bits"),
-        py::arg("k_level"), py::arg("c_level"));
-}

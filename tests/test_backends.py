@@ -85,3 +85,30 @@ def test_cuda_sources_compile():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "SQuant rounding" in run.stdout
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("signed", [False, True])
+def test_fused_fake_quant_equals_reference(bits, signed):
+    from vquant_pl.affine import ActivationQuantizer
+
+    n = 2 ** (bits - 1)
+    # scale 1, zero point 0 (unsigned) or n - n (signed): codes x + .5 are exact ties
+    lo, hi = (-(2 ** bits - 1) / 2, (2 ** bits - 1) / 2) if signed else (0.0, 2.0 ** bits - 1)
+    q = ActivationQuantizer(bits, lo, hi, signed)
+    ties = torch.arange(-2 * n, 2 * n + 1).float() + 0.5 + (q.zero_point.item() if signed else 0.0)
+    x = torch.cat([ties, torch.randn(10000) * n, torch.tensor([1e30, -1e30, 0.0])])
+    devices = ["cpu"] + (["cuda"] if CUDA else [])
+    for device in devices:
+        xd = x.to(device)
+        assert torch.equal(q(xd).cpu(), q.reference(xd).cpu()), device
+        strided = xd.reshape(-1, 1).expand(-1, 2).t()  # non-contiguous
+        assert torch.equal(q(strided).cpu(), q.reference(strided).cpu()), device
+
+
+def test_golden_activations_through_both_paths(golden):
+    from vquant_pl.affine import ActivationQuantizer
+
+    for c in golden["activations"]:
+        q = ActivationQuantizer(c["bits"], c["x_min"], c["x_max"], c["signed"])
+        assert torch.equal(q(c["input"]), c["expected"]) and torch.equal(q.reference(c["input"]), c["expected"])

@@ -203,7 +203,7 @@ def test_no_layers_and_double_quantization():
     with pytest.raises(RuntimeError, match="layer 'fc' is already quantized"):
         vq.quantize_model(model.head, 4, 4)
     vq.restore_model(model)
-    with pytest.raises(ValueError, match="not quantized"):
+    with pytest.raises(ValueError, match="Net is not quantized by vquant_pl"):
         vq.restore_model(model)
 
 
@@ -213,3 +213,15 @@ def test_float_activations_leave_inputs_untouched():
     assert report.act_bits is None and all(r.act_bits is None for r in report.layers)
     assert all(not m._forward_pre_hooks for m in model.modules())
     vq.restore_model(model)
+
+
+def test_shared_memory_weights_are_never_written():
+    """ddp_spawn on CPU / Hogwild: other processes read the shared storage."""
+    model = Net().eval()
+    model.share_memory()
+    shared = model.stem.weight.data
+    before = shared.clone()
+    vq.quantize_model(model, 4, 4, probe=PROBE)
+    assert torch.equal(shared, before) and not torch.equal(model.stem.weight, before)
+    vq.restore_model(model)
+    assert torch.equal(model.stem.weight, before)

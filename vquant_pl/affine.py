@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import backends
+
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -68,8 +70,16 @@ class ActivationQuantizer:
         return self._on[device]
 
     def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and not x.requires_grad:
+            fused = backends.native_fake_quant(x.device)
+            if fused is not None:
+                return fused(x, float(self.scale), float(self.zero_point), self.q_min, self.q_max)
+        return self.reference(x)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The same computation as PyTorch ops (in place after the first: no temporaries)."""
         scale, zero_point = self._params(x.device)
-        q = torch.mul(x.float(), scale)  # in place from here on: one buffer, no temporaries
+        q = torch.mul(x.float(), scale)
         q.sub_(zero_point).round_().clamp_(self.q_min, self.q_max)
         return q.add_(zero_point).div_(scale).to(x.dtype)
 

@@ -59,10 +59,12 @@ def load_extension(kind: str):
     common = dict(extra_include_paths=[str(src)], verbose=os.environ.get("VQUANT_VERBOSE_BUILD") == "1")
     try:
         if kind == "cpu":
-            return load(name="vquant_squant_cpu", sources=[str(src / "squant_cpu.cpp")],
+            sources = [str(src / f) for f in ("squant_cpu.cpp", "fake_quant_cpu.cpp", "bindings_cpu.cpp")]
+            return load(name="vquant_squant_cpu", sources=sources,
                         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                         extra_ldflags=["-fopenmp"], **common)
-        return load(name="vquant_squant_cuda", sources=[str(src / "squant_cuda.cu")],
+        sources = [str(src / f) for f in ("squant_cuda.cu", "fake_quant_cuda.cu", "bindings_cuda.cpp")]
+        return load(name="vquant_squant_cuda", sources=sources,
                     extra_cflags=["-O3", "-ffp-contract=off"],
                     extra_cuda_cflags=["-O3", "--fmad=false"], **common)
     except Exception as err:  # compiler missing, CUDA toolkit missing, build error
@@ -98,6 +100,17 @@ def _auto(device: torch.device) -> tuple[str, RoundFn]:
         return "torch", squant_round_torch
     _announce(name)
     return name, fn
+
+
+def native_fake_quant(device: torch.device) -> Callable | None:
+    """The fused one-pass fake-quantizer of the native extension for `device`, or None
+    (then the in-place PyTorch chain runs; results are identical)."""
+    if os.environ.get(ENV_VAR) == "torch" or device.type not in ("cpu", "cuda"):
+        return None
+    try:
+        return load_extension("cpu" if device.type == "cpu" else "cuda").fake_quant
+    except BackendUnavailable:
+        return None
 
 
 def resolve(backend: str | None, device: torch.device) -> tuple[str, RoundFn]:

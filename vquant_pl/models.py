@@ -18,24 +18,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a model expects its images: resize the short side to `int(size / crop_pct)`,
-    center-crop `size`, scale to [0, 1], normalize with mean/std."""
+    """How a model expects its images: resize the short side to `resize` (default
+    `int(size / crop_pct)`), center-crop `input_size`, scale to [0, 1], normalize."""
 
     input_size: tuple[int, int] = (224, 224)
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize: int | None = None
 
     @property
-    def resize(self) -> int:
-        return int(self.input_size[0] / self.crop_pct)
+    def resize_to(self) -> int:
+        return self.resize or int(self.input_size[0] / self.crop_pct)
 
     def transform(self):
         from torchvision import transforms as T
 
         mode = T.InterpolationMode(self.interpolation)
-        return T.Compose([T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.input_size),
+        return T.Compose([T.Resize(self.resize_to, interpolation=mode), T.CenterCrop(self.input_size),
                           T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def to_dict(self) -> dict:

@@ -25,14 +25,19 @@ class Probe:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """(H, W) the model was built for, from pytorchcv (`in_size`) or timm (`pretrained_cfg`)."""
-    size = getattr(model, "in_size", None)
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return int(size[0]), int(size[1])
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
-            return tuple(int(s) for s in cfg["input_size"][1:])  # type: ignore[return-value]
+    """(H, W) the model (or the first submodule that says) was built for: pytorchcv
+    `in_size`, timm `pretrained_cfg`, EfficientNet-Lite `input_image_size`."""
+    for module in model.modules():
+        size = getattr(module, "in_size", None)
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return int(size[0]), int(size[1])
+        for attr in ("pretrained_cfg", "default_cfg"):
+            cfg = getattr(module, attr, None)
+            if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
+                return tuple(int(s) for s in cfg["input_size"][1:])  # type: ignore[return-value]
+        size = getattr(module, "input_image_size", None)
+        if isinstance(size, int):
+            return size, size
     return None
 
 

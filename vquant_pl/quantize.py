@@ -34,6 +34,7 @@ class _State:
     originals: list[tuple[nn.Parameter, Tensor]]
     hooks: list[RemovableHandle]
     report: QuantReport
+    input_hooks: list["_InputHook | None"] = None  # one per layer, None for float inputs
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
@@ -68,9 +69,9 @@ def is_quantized(model: nn.Module) -> bool:
     return model in _STATES
 
 
-def _check_args(model, weight_bits, act_bits, rounding, act_range, sigma):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+def check_settings(weight_bits: int, act_bits: int | None, rounding: str, act_range: str,
+                   sigma: float | None) -> None:
+    """Raise a ValueError naming the first bad quantization setting."""
     check_bits(weight_bits, "weight_bits")
     if act_bits is not None:
         check_bits(act_bits, "act_bits")
@@ -81,6 +82,12 @@ def _check_args(model, weight_bits, act_bits, rounding, act_range, sigma):
         raise NotImplementedError(f"act_range {act_range!r} is not available yet; use 'sigma' or 'none'")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+
+
+def _check_args(model, weight_bits, act_bits, rounding, act_range, sigma):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_settings(weight_bits, act_bits, rounding, act_range, sigma)
     if model in _STATES:
         raise RuntimeError("model is already quantized; call vquant_pl.restore_model(model) first")
     layers = quantizable_layers(model)
@@ -146,6 +153,10 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
             t0 = time.perf_counter()
             weight = layer.weight
             original = weight.detach().clone()
+            if weight.is_shared():
+                # shared memory (ddp_spawn on CPU, Hogwild): other processes read the same
+                # storage, so quantize a private copy and never write to the shared one
+                weight.data = original.clone()
             state.originals.append((weight, original))
             weight.copy_(quantize_weight(original, weight_bits, rounding, backend))
             if weight.is_cuda:
@@ -184,6 +195,7 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
     except BaseException:
         _undo(state)
         raise
+    state.input_hooks = hooks
     _STATES[model] = state
     _QUANTIZED_LAYERS.update(layer for _, layer in layers)
     return report
@@ -199,12 +211,36 @@ def _undo(state: _State) -> None:
 
 def restore_model(model: nn.Module) -> None:
     """Put back the exact float weights and remove the activation hooks."""
-    state = _STATES.pop(model, None)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not quantized by vquant_pl (nothing to restore)")
-    _undo(state)
+    _undo(_state(model))
+    del _STATES[model]
     for _, layer in quantizable_layers(model):
         _QUANTIZED_LAYERS.discard(layer)
+
+
+def _state(model: nn.Module) -> _State:
+    state = _STATES.get(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not quantized by vquant_pl")
+    return state
+
+
+def activation_ranges(model: nn.Module) -> list[tuple[int, float, float, bool] | None]:
+    """Per quantized layer, `(bits, lo, hi, signed)` of its input, or None for a float input."""
+    state = _state(model)
+    return [None if h is None or h.quantizer is None else
+            (h.quantizer.bits, h.quantizer.lo, h.quantizer.hi, h.quantizer.signed) for h in state.input_hooks]
+
+
+def set_activation_ranges(model: nn.Module, ranges: list[tuple[int, float, float, bool] | None]) -> None:
+    """Fix the input ranges of a quantized model (e.g. rank 0's, broadcast under DDP)."""
+    state = _state(model)
+    if len(ranges) != len(state.input_hooks):
+        raise ValueError(f"{len(ranges)} ranges for {len(state.input_hooks)} quantized layers")
+    for hook, row, r in zip(state.input_hooks, state.report.layers, ranges):
+        if hook is None or r is None:
+            continue
+        hook.quantizer = ActivationQuantizer(*r)
+        row.act_bits, row.act_lo, row.act_hi, row.signed = r
 
 
 def quantization_report(model: nn.Module) -> QuantReport | None:

