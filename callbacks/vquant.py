@@ -23,7 +23,8 @@ class VQuantCallback(pl.Callback):
     """Quantize the model (or its submodule `target`) at the start of the chosen stages,
     and restore the exact float weights at their end unless `keep_quantized`.
 
-    Takes the keyword arguments of `vquant_pl.quantize_model` (`weight_bits`, `act_bits`,
+    Takes the keyword arguments of `vquant_pl.quantize_model` (`weight_bits` -- None
+    leaves the model float, for a baseline --, `act_bits`,
     `rounding`, `act_range`, `sigma`, `probe`, `backend`) plus: `probe_seed` and
     `probe_shape` (the default probe when `probe` is None), `target`, `stages` (any of
     "test", "validate", "predict"), `keep_quantized`, `verbose` (print the per-layer table
@@ -32,12 +33,13 @@ class VQuantCallback(pl.Callback):
     to the trainer's loggers (metrics `vquant/...`, `vquant_report.json` in the log dir).
     """
 
-    def __init__(self, weight_bits: int = 4, act_bits: int | None = 4, rounding: str = "squant",
+    def __init__(self, weight_bits: int | None = 4, act_bits: int | None = 4, rounding: str = "squant",
                  act_range: str = "sigma", sigma: float | None = None, probe: Tensor | Probe | None = None,
                  probe_seed: int = 0, probe_shape: Sequence[int] | None = None, backend: str | None = None,
                  target: str | None = None, stages: Sequence[str] = ("test",), keep_quantized: bool = False,
                  verbose: bool = True):
-        check_settings(weight_bits, act_bits, rounding, act_range, sigma)
+        if weight_bits is not None:  # None: the float baseline, nothing is quantized
+            check_settings(weight_bits, act_bits, rounding, act_range, sigma)
         stages = [stages] if isinstance(stages, str) else list(stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
@@ -105,7 +107,7 @@ class VQuantCallback(pl.Callback):
         self._quantized = None
 
     def _start(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if stage not in self.stages:
+        if stage not in self.stages or self.settings["weight_bits"] is None:
             return
         module = self.target_module(pl_module)
         if is_quantized(module):

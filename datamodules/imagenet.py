@@ -28,6 +28,24 @@ def imagenet_synsets() -> list[str]:
     return list(ImageNetInfo("imagenet-1k").label_names())
 
 
+#: Colour photographs bundled in the scikit-image wheel: the offline default image set.
+EMBEDDED_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                   "motorcycle_right.png", "hubble_deep_field.jpg", "brick.png", "grass.png", "gravel.png",
+                   "retina.jpg", "ihc.png")
+UNLABELED = -1
+
+
+def embedded_samples() -> list[tuple[Path, int]]:
+    """The bundled photographs, unlabeled (label -1)."""
+    from importlib import resources
+
+    try:
+        root = resources.files("skimage") / "data"
+    except ModuleNotFoundError as err:
+        raise RuntimeError("the embedded photographs ship with scikit-image: pip install scikit-image") from err
+    return [(Path(str(root / name)), UNLABELED) for name in EMBEDDED_PHOTOS]
+
+
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -159,7 +177,9 @@ def collate_skipping(batch):
 class ImageNetDataModule(pl.LightningDataModule):
     """ImageNet-1k validation data for `trainer.test` / `trainer.validate` (no training split).
 
-    `root` holds `val/` (or is the image folder itself), in one of these layouts:
+    `root` holds `val/` (or is the image folder itself); None means the 12 photographs
+    bundled in scikit-image, unlabeled until `set_labels` (e.g. with the float model's
+    predictions, to score agreement). Layouts:
     `val/<synset>/*.JPEG`; flat `val/*.JPEG` with `labels_file` (see `read_labels_file`);
     flat files named `<synset>_*.JPEG`. Labels are class indices in the ImageNet-1k order,
     so a folder with only some synsets still gets the right ones. Under DDP every sample
@@ -167,7 +187,7 @@ class ImageNetDataModule(pl.LightningDataModule):
     samples. Preprocessing comes from the arguments or `preprocessing` (a model's).
     """
 
-    def __init__(self, root: str | Path, image_size: int = 224, crop_pct: float = 0.875,
+    def __init__(self, root: str | Path | None = None, image_size: int = 224, crop_pct: float = 0.875,
                  resize: int | None = None, interpolation: str = "bilinear",
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  batch_size: int = 64, num_workers: int = 4, pin_memory: bool = True,
@@ -187,20 +207,37 @@ class ImageNetDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        self.root = Path(root)
+        self.root = None if root is None else Path(root)
         self.dataset: ImageFiles | None = None
 
     @property
-    def folder(self) -> Path:
+    def labeled(self) -> bool:
+        self.setup()
+        return all(label != UNLABELED for _, label in self.dataset.samples)
+
+    def set_labels(self, labels: Sequence[int]) -> None:
+        """Replace the labels (in sample order), e.g. by a reference model's predictions."""
+        self.setup()
+        if len(labels) != len(self.dataset):
+            raise ValueError(f"{len(labels)} labels for {len(self.dataset)} images")
+        self.dataset.samples = [(path, int(label)) for (path, _), label in zip(self.dataset.samples, labels)]
+
+    @property
+    def folder(self) -> Path | None:
+        if self.root is None:
+            return None
         return self.root / "val" if (self.root / "val").is_dir() else self.root
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        if not self.root.exists():
-            raise FileNotFoundError(f"ImageNet root {self.root} not found (expected a folder holding val/)")
         hp = self.hparams
-        samples = scan(self.folder, hp.labels_file, hp.synsets_file)
+        if self.root is None:
+            samples = embedded_samples()
+        elif not self.root.exists():
+            raise FileNotFoundError(f"ImageNet root {self.root} not found (expected a folder holding val/)")
+        else:
+            samples = scan(self.folder, hp.labels_file, hp.synsets_file)
         if hp.limit:
             samples = samples[: hp.limit]
         self.dataset = ImageFiles(samples, self.preprocessing.transform(), hp.skip_corrupt)

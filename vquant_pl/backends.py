@@ -59,13 +59,13 @@ def load_extension(kind: str):
     common = dict(extra_include_paths=[str(src)], verbose=os.environ.get("VQUANT_VERBOSE_BUILD") == "1")
     try:
         if kind == "cpu":
-            sources = [str(src / f) for f in ("squant_cpu.cpp", "fake_quant_cpu.cpp", "bindings_cpu.cpp")]
+            sources = [str(src / f) for f in ("squant_cpu.cpp", "fake_quant_cpu.cpp", "bindings.cpp")]
             return load(name="vquant_squant_cpu", sources=sources,
                         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                         extra_ldflags=["-fopenmp"], **common)
-        sources = [str(src / f) for f in ("squant_cuda.cu", "fake_quant_cuda.cu", "bindings_cuda.cpp")]
+        sources = [str(src / f) for f in ("squant_cuda.cu", "fake_quant_cuda.cu", "bindings.cpp")]
         return load(name="vquant_squant_cuda", sources=sources,
-                    extra_cflags=["-O3", "-ffp-contract=off"],
+                    extra_cflags=["-O3", "-ffp-contract=off", "-DVQUANT_CUDA"],
                     extra_cuda_cflags=["-O3", "--fmad=false"], **common)
     except Exception as err:  # compiler missing, CUDA toolkit missing, build error
         raise BackendUnavailable(f"could not build the {kind} SQuant extension: {err}") from err

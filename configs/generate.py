@@ -1,0 +1,44 @@
+"""Writes the YAML configs of the SQuant paper tables and ablations (run from the repo root:
+`python configs/generate.py`). Every file runs alone: `vquant test --config FILE --data.root ...`."""
+from pathlib import Path
+
+HERE = Path(__file__).parent
+MODELS = {"resnet18": "ResNet18", "resnet50": "ResNet50", "inceptionv3": "InceptionV3 (299 px)",
+          "sqnxt23_w2": "SqueezeNext", "shufflenet_g1_w1": "ShuffleNet"}
+SIGMA = {4: 12, 6: 14, 8: 25}
+DATA = """data:
+  root: data/imagenet  # the folder holding val/; override with --data.root
+  batch_size: 64
+  num_workers: 8
+trainer:
+  accelerator: auto
+  devices: 1
+  logger: false
+"""
+
+
+def write(path: Path, title: str, model: str, quant: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\nmodel:\n  model: pytorchcv:{model}\nquant:\n{quant}{DATA}")
+
+
+def main() -> None:
+    for model, title in MODELS.items():
+        write(HERE / "paper" / f"{model}_fp32.yaml", f"{title}, float baseline", model, "  weight_bits: null\n")
+        for bits in (4, 6, 8):
+            if model == "shufflenet_g1_w1" and bits == 4:
+                continue  # the paper has no W4A4 row for ShuffleNet
+            write(HERE / "paper" / f"{model}_w{bits}a{bits}.yaml", f"{title}, SQuant W{bits}A{bits} (paper table)",
+                  model, f"  weight_bits: {bits}\n  act_bits: {bits}\n  rounding: squant\n  sigma: {SIGMA[bits]}\n")
+    for bits in (3, 4):
+        for rounding in ("squant-e", "squant-k", "squant-c", "squant"):
+            write(HERE / "ablation" / f"resnet18_{rounding}_w{bits}.yaml",
+                  f"Ablation: ResNet18, {rounding} granularity, {bits}-bit weights, float activations",
+                  "resnet18", f"  weight_bits: {bits}\n  act_bits: null\n  rounding: {rounding}\n")
+    write(HERE / "ablation" / "resnet18_squant_w5.yaml",
+          "Ablation: ResNet18, SQuant, 5-bit weights, float activations", "resnet18",
+          "  weight_bits: 5\n  act_bits: null\n  rounding: squant\n")
+
+
+if __name__ == "__main__":
+    main()
