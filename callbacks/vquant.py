@@ -37,7 +37,8 @@ class VQuantCallback(pl.Callback):
                  act_range: str = "sigma", sigma: float | None = None, probe: Tensor | Probe | None = None,
                  probe_seed: int = 0, probe_shape: Sequence[int] | None = None, backend: str | None = None,
                  target: str | None = None, stages: Sequence[str] = ("test",), keep_quantized: bool = False,
-                 verbose: bool = True):
+                 verbose: bool = True, bias_correction: bool = False, bit_allocation: bool = False,
+                 bn_k: float | None = None, aciq_stats: str = "probe"):
         if weight_bits is not None:  # None: the float baseline, nothing is quantized
             check_settings(weight_bits, act_bits, rounding, act_range, sigma)
         stages = [stages] if isinstance(stages, str) else list(stages)
@@ -45,7 +46,8 @@ class VQuantCallback(pl.Callback):
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; expected any of {', '.join(STAGES)}")
         self.settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range,
-                             sigma=sigma, backend=backend)
+                             sigma=sigma, backend=backend, bias_correction=bias_correction,
+                             bit_allocation=bit_allocation, bn_k=bn_k, aciq_stats=aciq_stats)
         self.probe = probe if probe is not None else Probe(probe_seed, tuple(probe_shape) if probe_shape else None)
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
         self._quantized: nn.Module | None = None  # the module this callback quantized

@@ -17,9 +17,15 @@ trainer:
 """
 
 
+METHODS = {"sigma": "", "bn": "  act_range: bn\n", "aciq-laplace": "  act_range: aciq-laplace\n",
+           "aciq-gauss": "  act_range: aciq-gauss\n", "sigma+bias-corr": "  bias_correction: true\n",
+           "sigma+bit-alloc": "  bit_allocation: true\n", "bn+bias-corr": "  act_range: bn\n  bias_correction: true\n"}
+
+
 def write(path: Path, title: str, model: str, quant: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {title}\nmodel:\n  model: pytorchcv:{model}\nquant:\n{quant}{DATA}")
+    spec = model if ":" in model else f"pytorchcv:{model}"
+    path.write_text(f"# {title}\nmodel:\n  model: {spec}\nquant:\n{quant}{DATA}")
 
 
 def main() -> None:
@@ -35,6 +41,11 @@ def main() -> None:
             write(HERE / "ablation" / f"resnet18_{rounding}_w{bits}.yaml",
                   f"Ablation: ResNet18, {rounding} granularity, {bits}-bit weights, float activations",
                   "resnet18", f"  weight_bits: {bits}\n  act_bits: null\n  rounding: {rounding}\n")
+    for bits in (4, 6, 8):
+        for method, extra in METHODS.items():
+            write(HERE / "methods" / f"lite0_{method}_w{bits}a{bits}.yaml",
+                  f"Method comparison: EfficientNet-Lite0, SQuant weights, {method}, W{bits}A{bits}",
+                  "efficientnet_lite:lite0", f"  weight_bits: {bits}\n  act_bits: {bits}\n{extra}  verbose: false\n")
     write(HERE / "ablation" / "resnet18_squant_w5.yaml",
           "Ablation: ResNet18, SQuant, 5-bit weights, float activations", "resnet18",
           "  weight_bits: 5\n  act_bits: null\n  rounding: squant\n")

@@ -59,7 +59,7 @@ torch::Tensor squant_round_cpu(torch::Tensor codes, int64_t bits, bool k_level, 
   TORCH_CHECK(codes.device().is_cpu(), "squant_round_cpu: codes must be on the CPU");
   TORCH_CHECK(codes.scalar_type() == torch::kFloat32, "squant_round_cpu: codes must be float32");
   TORCH_CHECK(codes.dim() == 3, "squant_round_cpu: codes must be [OC, IC, K]");
-  TORCH_CHECK(bits >= 2 && bits <= 16, "squant_round_cpu: bits out of range");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "squant_round_cpu: bits out of range");
   auto x_t = codes.contiguous();
   const long oc = x_t.size(0), ic = x_t.size(1), ks = x_t.size(2), row = ic * ks;
   auto out = torch::empty_like(x_t);

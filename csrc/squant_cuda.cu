@@ -140,7 +140,7 @@ torch::Tensor squant_round_cuda(torch::Tensor codes, int64_t bits, bool k_level,
   TORCH_CHECK(codes.is_cuda(), "squant_round_cuda: codes must be a CUDA tensor");
   TORCH_CHECK(codes.scalar_type() == torch::kFloat32, "squant_round_cuda: codes must be float32");
   TORCH_CHECK(codes.dim() == 3, "squant_round_cuda: codes must be [OC, IC, K]");
-  TORCH_CHECK(bits >= 2 && bits <= 16, "squant_round_cuda: bits out of range");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "squant_round_cuda: bits out of range");
   const c10::cuda::CUDAGuard guard(codes.device());
   auto x = codes.contiguous();
   const long oc = x.size(0), ic = x.size(1), ks = x.size(2);

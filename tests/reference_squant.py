@@ -37,7 +37,7 @@ def squant_round_loop(codes: torch.Tensor, bits: int, rounding: str) -> torch.Te
     number = torch.round(x).tolist()
     error = (torch.round(x) - x).tolist()
     xs = x.tolist()
-    r32, e32 = torch.round(x), torch.round(x) - x
+    e32 = torch.round(x) - x
     up, down, up_prio, down_prio = [], [], [], []
     for i in range(len(xs)):
         e = error[i]

@@ -1,7 +1,6 @@
 """Configs, the `vquant` CLI and sweep, and the model factory's errors."""
 import csv
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

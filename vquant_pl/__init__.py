@@ -7,7 +7,11 @@ from .ranges import default_sigma, sigma_range
 from .report import LayerReport, QuantReport
 from .weights import quantize_weight
 
+from .aciq import aciq_range, allocate_bits, bias_correct
 from .classifier import ImageClassifier
+from .quant_modules import (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, TensorQuantizer, calibrate,
+                            quantized_layers)
+from .tensor_quant import QuantDescriptor, fake_tensor_quant, tensor_quant
 from .models import Preprocessing, create_model
 
 __version__ = "0.1.0"
@@ -24,7 +28,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vquant_pl' has no attribute {name!r}")
 
 __all__ = [
-    "ImageClassifier", "ImageNetDataModule", "Preprocessing", "VQuantCallback", "create_model", "QUANTIZABLE", "LayerReport", "Probe", "QuantReport", "default_sigma", "fake_quant_activation",
+    "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantDescriptor", "QuantLinear", "TensorQuantizer",
+    "aciq_range", "allocate_bits", "bias_correct", "calibrate", "fake_tensor_quant", "quantized_layers",
+    "tensor_quant", "ImageClassifier", "ImageNetDataModule", "Preprocessing", "VQuantCallback", "create_model", "QUANTIZABLE", "LayerReport", "Probe", "QuantReport", "default_sigma", "fake_quant_activation",
     "is_quantized", "quantizable_layers", "quantization_report", "quantize_model",
     "quantize_weight", "restore_model", "sigma_range",
 ]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import backends
+from .aciq import aciq_range, allocate_bits, bias_correct
 from .affine import ActivationQuantizer, check_bits
 from .probe import Probe, make_probe
 from .ranges import default_sigma, sigma_range
@@ -24,7 +25,6 @@ from .weights import check_rounding, check_weight, quantize_weight
 #: Layer types whose weights and inputs are quantized (subclasses included).
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ACT_RANGES = ("sigma", "bn", "aciq-laplace", "aciq-gauss", "none")
-_IMPLEMENTED_ACT_RANGES = ("sigma", "none")
 #: Bits of the last layer's input (DESIGN.md rule 4).
 LAST_LAYER_ACT_BITS = 8
 
@@ -42,12 +42,12 @@ _QUANTIZED_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 class _InputHook:
-    """Forward pre-hook: ranges the first input it sees while calibrating, then
-    fake-quantizes every input with that fixed range."""
+    """Forward pre-hook: ranges the first input it sees while calibrating (by `range_fn`),
+    unless a range was given, then fake-quantizes every input with that fixed range."""
 
-    def __init__(self, bits: int, sigma: float):
-        self.bits, self.sigma = bits, sigma
-        self.quantizer: ActivationQuantizer | None = None
+    def __init__(self, bits: int, range_fn, fixed: tuple[float, float, bool] | None = None):
+        self.bits, self.range_fn = bits, range_fn
+        self.quantizer = None if fixed is None else ActivationQuantizer(bits, *fixed)
         self.calibrating = True
 
     def __call__(self, module: nn.Module, args: tuple):
@@ -56,8 +56,35 @@ class _InputHook:
         if self.quantizer is None:
             if not self.calibrating:
                 return None  # never reached by the probe: the input stays float
-            self.quantizer = ActivationQuantizer(self.bits, *sigma_range(args[0], self.bits, self.sigma))
+            self.quantizer = ActivationQuantizer(self.bits, *self.range_fn(args[0], self.bits))
         return (self.quantizer(args[0]), *args[1:])
+
+
+def _range_fn(act_range: str, sigma: float):
+    if act_range.startswith("aciq-"):
+        dist = act_range.split("-", 1)[1]
+        return lambda x, bits: aciq_range(x, bits, dist)
+    return lambda x, bits: sigma_range(x, bits, sigma)
+
+
+def quantize_layer_weight(weight: Tensor, bits: int, rounding: str, backend: str | None,
+                          bias_correction: bool = False, bit_allocation: bool = False) -> tuple[Tensor, Tensor | None]:
+    """A layer's quantized weight; with `bit_allocation`, output channels get ACIQ-allocated
+    bits (averaging `bits`; returned as the second value), grouped so that SQuant still runs
+    per channel; with `bias_correction`, ACIQ's per-channel correction is applied after."""
+    channel_bits = None
+    if bit_allocation and weight.shape[0] > 1:
+        flat = weight.detach().float().reshape(weight.shape[0], -1)
+        channel_bits = allocate_bits((flat.amax(1) - flat.amin(1)) / 2, bits)
+        q = torch.empty_like(weight)
+        for b in channel_bits.unique().tolist():
+            rows = (channel_bits == b).nonzero().flatten().to(weight.device)
+            q[rows] = quantize_weight(weight[rows], b, rounding, backend, _allow_one_bit=True)
+    else:
+        q = quantize_weight(weight, bits, rounding, backend)
+    if bias_correction:
+        q = bias_correct(weight, q)
+    return q, channel_bits
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -78,8 +105,6 @@ def check_settings(weight_bits: int, act_bits: int | None, rounding: str, act_ra
     check_rounding(rounding)
     if act_range not in ACT_RANGES:
         raise ValueError(f"unknown act_range {act_range!r}; expected one of {', '.join(ACT_RANGES)}")
-    if act_range not in _IMPLEMENTED_ACT_RANGES:
-        raise NotImplementedError(f"act_range {act_range!r} is not available yet; use 'sigma' or 'none'")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
 
@@ -116,7 +141,9 @@ def _run(model: nn.Module, x: Tensor) -> None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None = 4,
                    rounding: str = "squant", act_range: str = "sigma", sigma: float | None = None,
-                   probe: Tensor | Probe | None = None, backend: str | None = None) -> QuantReport:
+                   probe: Tensor | Probe | None = None, backend: str | None = None,
+                   bias_correction: bool = False, bit_allocation: bool = False,
+                   bn_k: float | None = None, aciq_stats: str = "probe") -> QuantReport:
     """Quantize `model` in place, data-free, by the VQuant/SQuant rules; return a report.
 
     Weights of every Conv1d/2d/3d and Linear (subclasses included) are quantized per output
@@ -125,6 +152,12 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
     a `Probe`, or None for seeded uniform noise, batch 256, at the model's input size)
     through the model as it is being quantized. The first layer's input stays float; the
     last layer's input uses 8 bits. `sigma` defaults to the paper's value for `act_bits`.
+
+    `act_range`: `sigma` (default), `aciq-laplace` / `aciq-gauss` (ACIQ's optimal clip on
+    the probe), `bn` (DFQ: from BatchNorm parameters, `bn_k` standard deviations, default by
+    bits; layers whose input has no BatchNorm producer fall back to `sigma`, noted in the
+    report), `none`. `bias_correction` applies ACIQ's per-channel weight correction;
+    `bit_allocation` gives output channels ACIQ-allocated bits averaging `weight_bits`.
     Undo with `restore_model(model)`. On any error the model is left as it was.
     """
     layers = _check_args(model, weight_bits, act_bits, rounding, act_range, sigma)
@@ -132,8 +165,29 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
     quantize_acts = act_bits is not None and act_range != "none"
     if quantize_acts and sigma is None:
         sigma = default_sigma(act_bits)
+    if bn_k is not None and not bn_k > 0:
+        raise ValueError(f"bn_k must be positive, got {bn_k!r}")
+    layer_bits = [None] + [LAST_LAYER_ACT_BITS if i == len(layers) - 1 else act_bits for i in range(1, len(layers))]
+    if aciq_stats not in ("probe", "bn"):
+        raise ValueError(f"aciq_stats must be 'probe' or 'bn', got {aciq_stats!r}")
+    fixed: dict[str, tuple[float, float, bool] | str] = {}
+    from_bn = act_range == "bn" or (act_range.startswith("aciq-") and aciq_stats == "bn")
+    if quantize_acts and from_bn:
+        from .aciq import ACIQ_ALPHA
+        from .bn_ranges import DEFAULT_BN_K, bn_ranges
+
+        def k_for(bits: int) -> float:
+            if act_range == "aciq-gauss":
+                return ACIQ_ALPHA["gauss"][bits]  # alpha = c * std
+            if act_range == "aciq-laplace":
+                return ACIQ_ALPHA["laplace"][bits] / 2 ** 0.5  # Laplace: E|x - mu| = std / sqrt(2)
+            return bn_k or DEFAULT_BN_K[bits]
+
+        names = [name for name, _ in layers[1:]]
+        fixed = bn_ranges(model, names, QUANTIZABLE, {n: k_for(b) for n, b in zip(names, layer_bits[1:])})
+    needs_probe = quantize_acts and (not from_bn or any(isinstance(v, str) for v in fixed.values()))
     probe_tensor = None
-    if quantize_acts:
+    if needs_probe:
         probe_tensor = make_probe(probe, model, layers[0][1], layers[0][1].weight.device)
         try:  # a cheap shape check on one sample, before any work on the weights
             _run(model, probe_tensor[:1])
@@ -158,17 +212,25 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
                 # storage, so quantize a private copy and never write to the shared one
                 weight.data = original.clone()
             state.originals.append((weight, original))
-            weight.copy_(quantize_weight(original, weight_bits, rounding, backend))
+            q, channel_bits = quantize_layer_weight(original, weight_bits, rounding, backend,
+                                                    bias_correction, bit_allocation)
+            weight.copy_(q)
             if weight.is_cuda:
                 torch.cuda.synchronize(weight.device)
             mse.append((weight.float() - original.float()).pow(2).mean())
             report.layers.append(LayerReport(
                 name, type(layer).__name__, tuple(weight.shape), weight_bits, None, None, None,
                 None, 0.0, (time.perf_counter() - t0) * 1e3))
+            if channel_bits is not None:
+                report.layers[-1].note = f"channel bits {int(channel_bits.min())}..{int(channel_bits.max())}"
             hook = None
             if quantize_acts and i > 0:
-                bits = LAST_LAYER_ACT_BITS if i == len(layers) - 1 else act_bits
-                hook = _InputHook(bits, sigma)
+                given = fixed.get(name)
+                hook = _InputHook(layer_bits[i], _range_fn(act_range, sigma),
+                                  given if isinstance(given, tuple) else None)
+                if isinstance(given, str):
+                    fallback = act_range if act_range != "bn" else "sigma"
+                    report.layers[-1].note = f"bn range fallback to {fallback} on the probe: {given}"
                 state.hooks.append(layer.register_forward_pre_hook(hook))
             hooks.append(hook)
         report.weight_time_s = time.perf_counter() - start
@@ -178,10 +240,12 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
         if quantize_acts:
             start = time.perf_counter()
             try:
-                _run(model, probe_tensor)
+                if needs_probe:
+                    _run(model, probe_tensor)
             except Exception as err:
                 raise RuntimeError(f"the probe pass through the quantized model failed: {err}") from err
-            report.probe_time_s = time.perf_counter() - start
+            if needs_probe:
+                report.probe_time_s = time.perf_counter() - start
             for row, hook in zip(report.layers, hooks):
                 if hook is None:
                     row.note = "first layer: input float"

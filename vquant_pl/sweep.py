@@ -28,6 +28,12 @@ def _bits(cb: VQuantCallback | None) -> tuple[int | None, int | None]:
     return cb.settings["weight_bits"], cb.settings["act_bits"]
 
 
+def _method(settings: dict) -> str:
+    text = f"{settings['rounding']}/{settings['act_range'] if settings['act_bits'] else 'none'}"
+    return text + ("+bias-corr" if settings.get("bias_correction") else "") + \
+        ("+bit-alloc" if settings.get("bit_allocation") else "")
+
+
 def run_config(config: str, overrides: list[str], reference_cache: dict) -> dict:
     from .cli import make_cli
 
@@ -54,7 +60,7 @@ def run_config(config: str, overrides: list[str], reference_cache: dict) -> dict
     return {
         "config": Path(config).stem, "model": spec,
         "bits": "FP32" if wb is None else f"W{wb}A{ab if ab is not None else 'fp'}",
-        "method": "float" if wb is None else f"{rounding}/{cb.settings['act_range'] if ab else 'none'}",
+        "method": "float" if wb is None else _method(cb.settings),
         "top1": round(top1, 2), "top5": round(100 * result["test/top5"], 2),
         "paper_top1": paper, "diff": None if paper is None else round(top1 - paper, 2),
         "quant_ms": round(cb.report.weight_time_s * 1e3, 1) if wb and cb.report else None,

@@ -29,7 +29,7 @@ def check_weight(weight: Tensor, name: str = "weight") -> None:
 
 @torch.no_grad()
 def quantize_weight(weight: Tensor, bits: int, rounding: str = "squant",
-                    backend: str | None = None) -> Tensor:
+                    backend: str | None = None, _allow_one_bit: bool = False) -> Tensor:
     """Fake-quantize a weight per output channel (affine, channel min/max).
 
     Returns the dequantized weight, same shape and dtype (fp16/bf16 are computed in
@@ -37,7 +37,8 @@ def quantize_weight(weight: Tensor, bits: int, rounding: str = "squant",
     `squant-c`, `squant`; `backend` one of None (fastest available), `torch`, `cpp`,
     `cuda` -- all give identical results.
     """
-    check_bits(bits, "weight bits")
+    if not (_allow_one_bit and bits == 1):  # 1 bit only inside ACIQ bit allocation
+        check_bits(bits, "weight bits")
     check_rounding(rounding)
     check_weight(weight)
     _, round_fn = backends.resolve(backend, weight.device)

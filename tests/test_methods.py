@@ -1,0 +1,181 @@
+"""The other seed methods: NVIDIA-style fake quant, DFQ BN ranges, ACIQ clip, bias correction, bit allocation."""
+
+import pytest
+import torch
+from torch import nn
+
+import vquant_pl as vq
+from vquant_pl.aciq import ACIQ_ALPHA, aciq_range, allocate_bits, bias_correct
+from vquant_pl.quant_modules import (QuantConv2d, QuantLinear, TensorQuantizer, calibrate, quantized_layers)
+from vquant_pl.tensor_quant import QuantDescriptor, fake_tensor_quant, tensor_quant
+
+
+def test_pytorch_quantization_known_answer():
+    torch.manual_seed(12345)
+    x = torch.rand(10)
+    codes, scale = tensor_quant(x, x.abs().max())
+    assert codes.tolist() == [126, 113, 127, 59, 11, 23, 47, 73, 43, 27]
+    assert round(scale.item(), 4) == 128.0057
+    expected = [0.9843, 0.8828, 0.9921, 0.4609, 0.0859, 0.1797, 0.3672, 0.5703, 0.3359, 0.2109]
+    assert [round(v, 4) for v in fake_tensor_quant(x, x.abs().max()).tolist()] == expected
+
+
+def test_straight_through_gradient_is_zero_outside_the_clip():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.3, 0.9, 1.5], requires_grad=True)
+    fake_tensor_quant(x, 1.0).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_tensor_quantizer_in_flight_fixed_and_per_channel():
+    x = torch.randn(4, 3, 5, 5)
+    dynamic = TensorQuantizer(QuantDescriptor(num_bits=8))
+    assert torch.equal(dynamic(x), fake_tensor_quant(x, x.abs().max(), 8, narrow_range=False))
+    fixed = TensorQuantizer(QuantDescriptor(num_bits=4, amax=1.0))
+    out = fixed(x)  # not narrow range: codes -8..7, so -8/7 * amax .. amax
+    assert out.max() <= 1.0 and out.min() == pytest.approx(-8 / 7) and fixed.amax.item() == 1.0
+    per_channel = TensorQuantizer(QuantDescriptor(num_bits=8, axis=0))
+    amax = x.abs().amax(dim=(1, 2, 3), keepdim=True)
+    assert torch.equal(per_channel(x), fake_tensor_quant(x, amax, 8, narrow_range=False))
+    with pytest.raises(ValueError, match="num_bits must be an integer in 1..16"):
+        QuantDescriptor(num_bits=0)
+    with pytest.raises(ValueError, match="unknown calib_method 'kl'"):
+        QuantDescriptor(calib_method="kl")
+
+
+def test_drop_in_layers_and_context_manager():
+    import torchvision
+
+    original = nn.Conv2d
+    with quantized_layers():
+        model = torchvision.models.resnet18(num_classes=10)
+    assert nn.Conv2d is original  # restored
+    assert isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, QuantLinear)
+    conv = model.conv1
+    x = torch.rand(2, 3, 32, 32)
+    xq = fake_tensor_quant(x, x.abs().max(), 8, narrow_range=False)
+    wq = fake_tensor_quant(conv.weight, conv.weight.detach().abs().amax((1, 2, 3), keepdim=True), 8, narrow_range=False)
+    assert torch.equal(conv(x), nn.functional.conv2d(xq, wq, None, conv.stride, conv.padding))
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "mse", "entropy"])
+def test_calibrators(method):
+    layer = QuantLinear(16, 4, quant_desc_input=QuantDescriptor(num_bits=8, calib_method=method))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(256, 16, generator=g) for _ in range(3)]
+    batches[1][0, 0] = 40.0  # one outlier
+    kwargs = {"percentile": 99.9} if method == "percentile" else {}  # 99.99 of 8192 values is the outlier
+    assert calibrate(layer, batches, num_batches=2, **kwargs) == 2
+    amax = layer._input_quantizer.amax.item()
+    if method == "max":
+        assert amax == 40.0
+    else:
+        assert 2.0 < amax < 40.0  # the histogram methods clip the outlier
+    assert torch.equal(layer._weight_quantizer.amax, layer.weight.detach().abs().amax(1, keepdim=True))
+
+
+class ConvBnReluConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            self.bn1.weight.copy_(torch.tensor([0.5, -1.0, 2.0, 0.1]))
+            self.bn1.bias.copy_(torch.tensor([0.2, -0.3, 1.0, -2.0]))
+            self.bn2.weight.copy_(torch.tensor([1.0, 1.0, 3.0, 0.5]))
+            self.bn2.bias.copy_(torch.tensor([-1.0, 0.0, 0.5, 0.0]))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.conv3(self.bn2(self.conv2(h)) + h)  # residual add, no ReLU: signed
+
+
+def test_bn_ranges_are_the_analytic_values_and_need_no_probe():
+    model = ConvBnReluConv()
+    wrong_probe = torch.rand(2, 7, 3, 3)  # would not fit: proves the probe is never used
+    report = vq.quantize_model(model, 8, 4, act_range="bn", bn_k=3.0, probe=wrong_probe)
+    g1, b1 = model.bn1.weight.detach().abs(), model.bn1.bias.detach()
+    g2, b2 = model.bn2.weight.detach().abs(), model.bn2.bias.detach()
+    hi2 = float(torch.clamp(b1 + 3 * g1, min=0).max())  # after ReLU: [max(0, b - 3g), b + 3g]
+    assert (report.layers[1].act_lo, report.layers[1].act_hi, report.layers[1].signed) == (0.0, hi2, False)
+    mean, std = b2 + b1, torch.sqrt(g2 ** 2 + g1 ** 2)  # add: sum of means, root-sum-square of stds
+    lo3, hi3 = float((mean - 3 * std).min()), float((mean + 3 * std).max())
+    alpha = max(-lo3, hi3)
+    assert report.layers[2].act_bits == 8  # last layer: 8 bits
+    assert (report.layers[2].act_lo, report.layers[2].act_hi, report.layers[2].signed) == (-alpha, alpha, True)
+    assert report.probe_time_s == 0.0
+    vq.restore_model(model)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_bn_ranges_cover_every_layer_of_resnets(name):
+    from pytorchcv.model_provider import get_model
+
+    model = get_model(name, pretrained=False)
+    report = vq.quantize_model(model, 4, 4, act_range="bn", probe=vq.Probe(shape=(2, 3, 224, 224)))
+    for row in report.layers[1:]:
+        assert row.act_hi is not None or "fallback" in row.note, row.name
+    assert sum("fallback" in r.note for r in report.layers) == 0  # all BN-derived in ResNets
+    vq.restore_model(model)
+
+
+def test_bn_range_falls_back_to_sigma_and_says_why():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))  # no BatchNorm
+    report = vq.quantize_model(model, 4, 4, act_range="bn", probe=vq.Probe(shape=(4, 3, 10, 10)))
+    assert report.layers[1].note == "bn range fallback to sigma on the probe: input not produced by a BatchNorm"
+    assert report.layers[1].act_hi is not None and report.probe_time_s > 0
+    vq.restore_model(model)
+
+
+@pytest.mark.parametrize("dist,k", [("gauss", ACIQ_ALPHA["gauss"][4]), ("laplace", ACIQ_ALPHA["laplace"][4] / 2 ** 0.5)])
+def test_aciq_clip_from_bn_statistics(dist, k):
+    model = ConvBnReluConv()
+    report = vq.quantize_model(model, 8, 4, act_range=f"aciq-{dist}", aciq_stats="bn")
+    g1, b1 = model.bn1.weight.detach().abs(), model.bn1.bias.detach()
+    assert report.layers[1].act_hi == float(torch.clamp(b1 + k * g1, min=0).max())
+    assert report.probe_time_s == 0.0
+    vq.restore_model(model)
+
+
+@pytest.mark.parametrize("dist", ["laplace", "gauss"])
+def test_aciq_clip(dist):
+    x = torch.distributions.Laplace(0.0, 1.0).sample((20000,))
+    lo, hi, signed = aciq_range(x, 4, dist)
+    spread = (x - x.mean()).abs().mean() if dist == "laplace" else x.std()
+    assert signed and lo == -hi and hi == pytest.approx(float(ACIQ_ALPHA[dist][4] * spread))
+    relu = x.relu()
+    lo, hi, signed = aciq_range(relu, 8, dist)
+    assert (lo, signed) == (0.0, False) and hi <= relu.max()
+
+
+def test_bias_correction_restores_channel_spread():
+    w = torch.randn(8, 4, 3, 3)
+    q = vq.quantize_weight(w, 3)
+    c = bias_correct(w, q)
+    dev = lambda t: (t - t.mean((1, 2, 3), keepdim=True)).flatten(1).norm(dim=1)  # noqa: E731
+    assert torch.allclose(dev(c), dev(w), rtol=1e-5)
+    mu = w.mean((1, 2, 3), keepdim=True) - q.mean((1, 2, 3), keepdim=True)
+    xi = (dev(w) / dev(q)).view(-1, 1, 1, 1)
+    assert torch.allclose(c, xi * (q + mu))
+
+
+def test_bit_allocation_keeps_budget_and_favours_wide_channels():
+    alphas = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 2.0, 4.0, 0.01])
+    for mean_bits in (2, 4, 6):
+        bits = allocate_bits(alphas, mean_bits)
+        assert bits.sum().item() == mean_bits * len(alphas)
+        assert bits.min() >= 1 and bits.max() <= 8
+        order = torch.argsort(alphas)
+        assert torch.all(bits[order][1:] >= bits[order][:-1])  # wider channel, no fewer bits
+    w = torch.randn(16, 8, 3, 3) * torch.linspace(0.1, 3, 16).view(-1, 1, 1, 1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3))
+    with torch.no_grad():
+        model[2].weight.copy_(w)
+    report = vq.quantize_model(model, 4, None, bit_allocation=True)
+    channel_bits = allocate_bits((w.flatten(1).amax(1) - w.flatten(1).amin(1)) / 2, 4)
+    assert channel_bits.sum() == 4 * 16 and report.layers[1].note.startswith("channel bits")
+    for channel, b in zip(model[2].weight, channel_bits):
+        assert channel.unique().numel() <= 2 ** int(b)
+    vq.restore_model(model)
