@@ -12,7 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from vquant_pl.probe import Probe
-from vquant_pl.quantize import (activation_ranges, check_settings, is_quantized, quantizable_layers,
+from vquant_pl.quantize import (CALIBRATED_RANGES, activation_ranges, check_settings, is_quantized, quantizable_layers,
                                 quantization_report, quantize_model, restore_model, set_activation_ranges)
 from vquant_pl.report import QuantReport
 
@@ -28,7 +28,8 @@ class VQuantCallback(pl.Callback):
     `rounding`, `act_range`, `sigma`, `probe`, `backend`) plus: `probe_seed` and
     `probe_shape` (the default probe when `probe` is None), `target`, `stages` (any of
     "test", "validate", "predict"), `keep_quantized`, `verbose` (print the per-layer table
-    on rank 0). Under DDP, rank 0's quantized weights and ranges are broadcast so that
+    on rank 0), `calib_batches` (for the data-driven `act_range`s max/percentile/mse/entropy,
+    taken from the data module's `val_dataloader()`). Under DDP, rank 0's quantized weights and ranges are broadcast so that
     every rank holds identical ones. Quantization time, totals and the per-layer report go
     to the trainer's loggers (metrics `vquant/...`, `vquant_report.json` in the log dir).
     """
@@ -38,9 +39,9 @@ class VQuantCallback(pl.Callback):
                  probe_seed: int = 0, probe_shape: Sequence[int] | None = None, backend: str | None = None,
                  target: str | None = None, stages: Sequence[str] = ("test",), keep_quantized: bool = False,
                  verbose: bool = True, bias_correction: bool = False, bit_allocation: bool = False,
-                 bn_k: float | None = None, aciq_stats: str = "probe"):
+                 bn_k: float | None = None, aciq_stats: str = "probe", calib_batches: int = 8):
         if weight_bits is not None:  # None: the float baseline, nothing is quantized
-            check_settings(weight_bits, act_bits, rounding, act_range, sigma)
+            check_settings(weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats)
         stages = [stages] if isinstance(stages, str) else list(stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
@@ -50,6 +51,7 @@ class VQuantCallback(pl.Callback):
                              bit_allocation=bit_allocation, bn_k=bn_k, aciq_stats=aciq_stats)
         self.probe = probe if probe is not None else Probe(probe_seed, tuple(probe_shape) if probe_shape else None)
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
+        self.calib_batches = calib_batches
         self._quantized: nn.Module | None = None  # the module this callback quantized
         self.report: QuantReport | None = None
 
@@ -116,7 +118,16 @@ class VQuantCallback(pl.Callback):
             rank_zero_info(f"vquant: {type(module).__name__} is already quantized; not quantizing it again")
             return
         start = time.perf_counter()
-        quantize_model(module, probe=self.probe, **self.settings)
+        calibration = None
+        if self.settings["act_range"] in CALIBRATED_RANGES and self.settings["act_bits"] is not None:
+            # data-driven ranges (for comparison only): batches of the data module's val loader
+            datamodule = trainer.datamodule
+            if datamodule is None:
+                raise ValueError(f"act_range {self.settings['act_range']!r} needs a datamodule with "
+                                 "val_dataloader() to calibrate on")
+            calibration = datamodule.val_dataloader()
+        quantize_model(module, probe=self.probe, calibration=calibration, calib_batches=self.calib_batches,
+                       **self.settings)
         self._quantized = module
         self._broadcast(trainer, module)
         self.report = quantization_report(module)

@@ -113,6 +113,10 @@ def test_callback_bad_input():
         vq.VQuantCallback(weight_bits=12)
     with pytest.raises(ValueError, match="act_bits must be an integer in 2..8, got 1"):
         vq.VQuantCallback(act_bits=1)
+    with pytest.raises(ValueError, match="aciq_stats must be 'probe' or 'bn', got 'data'"):
+        vq.VQuantCallback(act_range="aciq-gauss", aciq_stats="data")
+    with pytest.raises(ValueError, match="bn_k must be a positive number, got -1"):
+        vq.VQuantCallback(act_range="bn", bn_k=-1)
     with pytest.raises(ValueError, match="unknown stage"):
         vq.VQuantCallback(stages=["train"])
     module = UserModule()
@@ -156,3 +160,30 @@ def test_two_processes_count_every_sample_once_with_identical_quantization(lite0
     assert r0["ranges"] == r1["ranges"]
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
     assert all(torch.equal(v, snapshot[k]) for k, v in lite0[0].state_dict().items())  # parent's model intact
+
+
+def test_validate_stage_and_data_driven_ranges_through_the_callback(tmp_path):
+    from PIL import Image
+
+    from vquant_pl.datamodules import imagenet_synsets
+
+    synsets = imagenet_synsets()
+    for i in range(6):
+        path = tmp_path / "val" / synsets[i] / f"{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(i)
+        Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).byte().numpy()).save(path)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 1000))
+    dm = vq.ImageNetDataModule(tmp_path, image_size=16, batch_size=4, num_workers=0)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, *args):
+            seen.append(vq.is_quantized(pl_module))
+
+    callback = vq.VQuantCallback(8, 8, act_range="percentile", calib_batches=1, stages=["validate"], verbose=False)
+    result = _trainer(callbacks=[callback, Spy()]).validate(vq.ImageClassifier(net), datamodule=dm)[0]
+    assert seen == [True, True] and result["val/samples"] == 6
+    assert callback.report.act_range == "percentile" and callback.report.layers[1].act_hi > 0
+    assert not vq.is_quantized(net)

@@ -24,7 +24,9 @@ from .weights import check_rounding, check_weight, quantize_weight
 
 #: Layer types whose weights and inputs are quantized (subclasses included).
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-ACT_RANGES = ("sigma", "bn", "aciq-laplace", "aciq-gauss", "none")
+ACT_RANGES = ("sigma", "bn", "aciq-laplace", "aciq-gauss", "max", "percentile", "mse", "entropy", "none")
+#: Data-driven methods (NVIDIA-style calibrators on `calibration` batches), for comparison.
+CALIBRATED_RANGES = ("max", "percentile", "mse", "entropy")
 #: Bits of the last layer's input (DESIGN.md rule 4).
 LAST_LAYER_ACT_BITS = 8
 
@@ -45,13 +47,18 @@ class _InputHook:
     """Forward pre-hook: ranges the first input it sees while calibrating (by `range_fn`),
     unless a range was given, then fake-quantizes every input with that fixed range."""
 
-    def __init__(self, bits: int, range_fn, fixed: tuple[float, float, bool] | None = None):
-        self.bits, self.range_fn = bits, range_fn
+    def __init__(self, bits: int, range_fn, fixed: tuple[float, float, bool] | None = None, calibrator=None):
+        self.bits, self.range_fn, self.calibrator = bits, range_fn, calibrator
         self.quantizer = None if fixed is None else ActivationQuantizer(bits, *fixed)
         self.calibrating = True
+        self.saw_negative = False
 
     def __call__(self, module: nn.Module, args: tuple):
         if not args or not isinstance(args[0], Tensor):
+            return None
+        if self.calibrator is not None and self.calibrating:  # collect only, input stays float
+            self.calibrator.collect(args[0])
+            self.saw_negative = self.saw_negative or bool(args[0].min() < 0)
             return None
         if self.quantizer is None:
             if not self.calibrating:
@@ -97,7 +104,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def check_settings(weight_bits: int, act_bits: int | None, rounding: str, act_range: str,
-                   sigma: float | None) -> None:
+                   sigma: float | None, bn_k: float | None = None, aciq_stats: str = "probe") -> None:
     """Raise a ValueError naming the first bad quantization setting."""
     check_bits(weight_bits, "weight_bits")
     if act_bits is not None:
@@ -107,12 +114,16 @@ def check_settings(weight_bits: int, act_bits: int | None, rounding: str, act_ra
         raise ValueError(f"unknown act_range {act_range!r}; expected one of {', '.join(ACT_RANGES)}")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    if bn_k is not None and (isinstance(bn_k, bool) or not isinstance(bn_k, (int, float)) or not bn_k > 0):
+        raise ValueError(f"bn_k must be a positive number, got {bn_k!r}")
+    if aciq_stats not in ("probe", "bn"):
+        raise ValueError(f"aciq_stats must be 'probe' or 'bn', got {aciq_stats!r}")
 
 
-def _check_args(model, weight_bits, act_bits, rounding, act_range, sigma):
+def _check_args(model, weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_settings(weight_bits, act_bits, rounding, act_range, sigma)
+    check_settings(weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats)
     if model in _STATES:
         raise RuntimeError("model is already quantized; call vquant_pl.restore_model(model) first")
     layers = quantizable_layers(model)
@@ -143,7 +154,8 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
                    rounding: str = "squant", act_range: str = "sigma", sigma: float | None = None,
                    probe: Tensor | Probe | None = None, backend: str | None = None,
                    bias_correction: bool = False, bit_allocation: bool = False,
-                   bn_k: float | None = None, aciq_stats: str = "probe") -> QuantReport:
+                   bn_k: float | None = None, aciq_stats: str = "probe", calibration=None,
+                   calib_batches: int | None = None, percentile: float = 99.99) -> QuantReport:
     """Quantize `model` in place, data-free, by the VQuant/SQuant rules; return a report.
 
     Weights of every Conv1d/2d/3d and Linear (subclasses included) are quantized per output
@@ -158,18 +170,17 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
     bits; layers whose input has no BatchNorm producer fall back to `sigma`, noted in the
     report), `none`. `bias_correction` applies ACIQ's per-channel weight correction;
     `bit_allocation` gives output channels ACIQ-allocated bits averaging `weight_bits`.
+    `max` / `percentile` / `mse` / `entropy` are data-driven, for comparison: ranges from
+    NVIDIA-style calibrators over up to `calib_batches` batches of `calibration` (an iterable
+    of input tensors or `(input, ...)` tuples), passed through the weight-quantized model.
     Undo with `restore_model(model)`. On any error the model is left as it was.
     """
-    layers = _check_args(model, weight_bits, act_bits, rounding, act_range, sigma)
+    layers = _check_args(model, weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats)
     backend_name, _ = backends.resolve(backend, layers[0][1].weight.device)
     quantize_acts = act_bits is not None and act_range != "none"
     if quantize_acts and sigma is None:
         sigma = default_sigma(act_bits)
-    if bn_k is not None and not bn_k > 0:
-        raise ValueError(f"bn_k must be positive, got {bn_k!r}")
     layer_bits = [None] + [LAST_LAYER_ACT_BITS if i == len(layers) - 1 else act_bits for i in range(1, len(layers))]
-    if aciq_stats not in ("probe", "bn"):
-        raise ValueError(f"aciq_stats must be 'probe' or 'bn', got {aciq_stats!r}")
     fixed: dict[str, tuple[float, float, bool] | str] = {}
     from_bn = act_range == "bn" or (act_range.startswith("aciq-") and aciq_stats == "bn")
     if quantize_acts and from_bn:
@@ -185,7 +196,11 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
 
         names = [name for name, _ in layers[1:]]
         fixed = bn_ranges(model, names, QUANTIZABLE, {n: k_for(b) for n, b in zip(names, layer_bits[1:])})
-    needs_probe = quantize_acts and (not from_bn or any(isinstance(v, str) for v in fixed.values()))
+    calibrated = quantize_acts and act_range in CALIBRATED_RANGES
+    if calibrated and calibration is None:
+        raise ValueError(f"act_range {act_range!r} is data-driven: pass calibration= (batches of inputs)")
+    needs_probe = quantize_acts and not calibrated and (
+        not from_bn or any(isinstance(v, str) for v in fixed.values()))
     probe_tensor = None
     if needs_probe:
         probe_tensor = make_probe(probe, model, layers[0][1], layers[0][1].weight.device)
@@ -226,8 +241,13 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
             hook = None
             if quantize_acts and i > 0:
                 given = fixed.get(name)
+                calibrator = None
+                if calibrated:
+                    from .calib import make_calibrator
+
+                    calibrator = make_calibrator(act_range, layer_bits[i], None, False)
                 hook = _InputHook(layer_bits[i], _range_fn(act_range, sigma),
-                                  given if isinstance(given, tuple) else None)
+                                  given if isinstance(given, tuple) else None, calibrator)
                 if isinstance(given, str):
                     fallback = act_range if act_range != "bn" else "sigma"
                     report.layers[-1].note = f"bn range fallback to {fallback} on the probe: {given}"
@@ -242,9 +262,11 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
             try:
                 if needs_probe:
                     _run(model, probe_tensor)
+                if calibrated:
+                    _calibrate(model, hooks, calibration, calib_batches, act_range, percentile)
             except Exception as err:
                 raise RuntimeError(f"the probe pass through the quantized model failed: {err}") from err
-            if needs_probe:
+            if needs_probe or calibrated:
                 report.probe_time_s = time.perf_counter() - start
             for row, hook in zip(report.layers, hooks):
                 if hook is None:
@@ -263,6 +285,26 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
     _STATES[model] = state
     _QUANTIZED_LAYERS.update(layer for _, layer in layers)
     return report
+
+
+def _calibrate(model, hooks, batches, limit, method, percentile) -> None:
+    """Collect each layer input over the batches (inputs float), then fix the ranges."""
+    used = 0
+    for batch in batches:
+        if limit is not None and used >= limit:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        _run(model, x.to(next(model.parameters()).device))
+        used += 1
+    if used == 0:
+        raise ValueError("calibration gave no batch")
+    for hook in hooks:
+        if hook is None or hook.calibrator is None:
+            continue
+        amax = float(hook.calibrator.compute_amax(method, percentile=percentile).max())
+        signed = hook.saw_negative
+        hook.quantizer = ActivationQuantizer(hook.bits, -amax if signed else 0.0, amax, signed)
+        hook.calibrator = None
 
 
 def _undo(state: _State) -> None:
