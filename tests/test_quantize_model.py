@@ -120,6 +120,19 @@ def test_restore_is_bit_identical_and_weights_quantized_once():
     assert not vq.is_quantized(model)
 
 
+def test_quantized_model_deepcopies_and_runs_the_same():
+    import copy
+
+    model = Net().eval()
+    vq.quantize_model(model, 4, 4, probe=PROBE)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x), expected)
+    vq.restore_model(model)
+
+
 def test_same_probe_same_result():
     a, b = Net(), Net()
     b.load_state_dict(a.state_dict())

@@ -62,23 +62,28 @@ class ActivationQuantizer:
         self.scale = affine_scale(lo_t, hi_t, bits)
         self.zero_point = torch.round(self.scale * lo_t) + (n if signed else 0)
         self.q_min, self.q_max = (-n, n - 1) if signed else (0, 2 ** bits - 1)
-        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._scale_f, self._zero_point_f = float(self.scale), float(self.zero_point)
+        self._on: dict[torch.device, tuple] = {}
 
-    def _params(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _on_device(self, device: torch.device) -> tuple:
+        """Scale, zero point and the fused native kernel (or None) for `device`, once."""
         if device not in self._on:
-            self._on[device] = (self.scale.to(device), self.zero_point.to(device))
+            self._on[device] = (self.scale.to(device), self.zero_point.to(device),
+                                backends.native_fake_quant(device))
         return self._on[device]
 
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_on": {}}  # the per-device cache holds a native function
+
     def __call__(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and not x.requires_grad:
-            fused = backends.native_fake_quant(x.device)
-            if fused is not None:
-                return fused(x, float(self.scale), float(self.zero_point), self.q_min, self.q_max)
+        fused = self._on_device(x.device)[2]
+        if fused is not None and x.dtype == torch.float32 and not x.requires_grad:
+            return fused(x, self._scale_f, self._zero_point_f, self.q_min, self.q_max)
         return self.reference(x)
 
     def reference(self, x: Tensor) -> Tensor:
         """The same computation as PyTorch ops (in place after the first: no temporaries)."""
-        scale, zero_point = self._params(x.device)
+        scale, zero_point, _ = self._on_device(x.device)
         q = torch.mul(x.float(), scale)
         q.sub_(zero_point).round_().clamp_(self.q_min, self.q_max)
         return q.add_(zero_point).div_(scale).to(x.dtype)
