@@ -24,14 +24,16 @@ class VQuantCallback(pl.Callback):
     and restore the exact float weights at their end unless `keep_quantized`.
 
     Takes the keyword arguments of `vquant_pl.quantize_model` (`weight_bits` -- None
-    leaves the model float, for a baseline --, `act_bits`,
-    `rounding`, `act_range`, `sigma`, `probe`, `backend`) plus: `probe_seed` and
-    `probe_shape` (the default probe when `probe` is None), `target`, `stages` (any of
-    "test", "validate", "predict"), `keep_quantized`, `verbose` (print the per-layer table
-    on rank 0), `calib_batches` (for the data-driven `act_range`s max/percentile/mse/entropy,
-    taken from the data module's `val_dataloader()`). Under DDP, rank 0's quantized weights and ranges are broadcast so that
-    every rank holds identical ones. Quantization time, totals and the per-layer report go
-    to the trainer's loggers (metrics `vquant/...`, `vquant_report.json` in the log dir).
+    leaves the model float, for a baseline --, `act_bits`, `rounding`, `act_range`, `sigma`,
+    `probe`, `backend`, `bias_correction`, `bit_allocation`, `act_bit_allocation`, `bn_k`,
+    `aciq_stats`) plus: `probe_seed` and `probe_shape` (the default probe when `probe` is
+    None), `target`, `stages` (any of "test", "validate", "predict"), `keep_quantized`,
+    `verbose` (print the per-layer table on rank 0), `calib_batches` (for the data-driven
+    `act_range`s max/percentile/mse/entropy, taken from the data module's
+    `val_dataloader()`). Under DDP, rank 0's quantized weights and ranges are broadcast so
+    that every rank holds identical ones. Quantization time, totals and the per-layer
+    report go to the trainer's loggers (metrics `vquant/...`, `vquant_report.json` in the
+    log dir).
     """
 
     def __init__(self, weight_bits: int | None = 4, act_bits: int | None = 4, rounding: str = "squant",
@@ -39,16 +41,18 @@ class VQuantCallback(pl.Callback):
                  probe_seed: int = 0, probe_shape: Sequence[int] | None = None, backend: str | None = None,
                  target: str | None = None, stages: Sequence[str] = ("test",), keep_quantized: bool = False,
                  verbose: bool = True, bias_correction: bool = False, bit_allocation: bool = False,
-                 bn_k: float | None = None, aciq_stats: str = "probe", calib_batches: int = 8):
+                 bn_k: float | None = None, aciq_stats: str = "probe", calib_batches: int = 8,
+                 act_bit_allocation: bool = False):
         if weight_bits is not None:  # None: the float baseline, nothing is quantized
-            check_settings(weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats)
+            check_settings(weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats, act_bit_allocation)
         stages = [stages] if isinstance(stages, str) else list(stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; expected any of {', '.join(STAGES)}")
         self.settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range,
                              sigma=sigma, backend=backend, bias_correction=bias_correction,
-                             bit_allocation=bit_allocation, bn_k=bn_k, aciq_stats=aciq_stats)
+                             bit_allocation=bit_allocation, bn_k=bn_k, aciq_stats=aciq_stats,
+                             act_bit_allocation=act_bit_allocation)
         self.probe = probe if probe is not None else Probe(probe_seed, tuple(probe_shape) if probe_shape else None)
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
         self.calib_batches = calib_batches

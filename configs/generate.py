@@ -19,7 +19,12 @@ trainer:
 
 METHODS = {"sigma": "", "bn": "  act_range: bn\n", "aciq-laplace": "  act_range: aciq-laplace\n",
            "aciq-gauss": "  act_range: aciq-gauss\n", "sigma+bias-corr": "  bias_correction: true\n",
-           "sigma+bit-alloc": "  bit_allocation: true\n", "bn+bias-corr": "  act_range: bn\n  bias_correction: true\n"}
+           "sigma+bit-alloc": "  bit_allocation: true\n", "bn+bias-corr": "  act_range: bn\n  bias_correction: true\n",
+           "bn+act-bit-alloc": "  act_range: bn\n  act_bit_allocation: true\n",
+           # the ACIQ repository's recipe: Laplace clip, bits allocated to weights and activations, bias correction
+           "aciq-laplace-bn+bit-alloc-wa+bias-corr": "  act_range: aciq-laplace\n  aciq_stats: bn\n"
+                                                     "  bit_allocation: true\n  act_bit_allocation: true\n"
+                                                     "  bias_correction: true\n"}
 
 
 def write(path: Path, title: str, model: str, quant: str) -> None:

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import vquant_pl as vq
@@ -63,6 +64,8 @@ def test_sweep_writes_table_csv_and_plot(tmp_path):
     assert md[0].startswith("| config | model | bits") and len(md) == 4 and "| W4A4 |" in md[3]
     with Image.open(tmp_path / "accuracy.png") as png:
         assert png.size[0] >= 600 and png.getextrema() != ((255, 255),) * 3
+    saved = yaml.safe_load((tmp_path / "w4a4" / "config.yaml").read_text())  # beside the results, not in cwd
+    assert saved["quant"]["weight_bits"] == 4 and saved["data"]["limit"] == 40
 
 
 def test_sweep_scores_unlabeled_photos_as_float_agreement(tmp_path):

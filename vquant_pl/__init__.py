@@ -1,8 +1,8 @@
 """vquant-pl: training-free, data-free quantization and evaluation of image classifiers."""
 from .affine import fake_quant_activation
 from .probe import Probe
-from .quantize import (QUANTIZABLE, is_quantized, quantizable_layers, quantization_report,
-                       quantize_model, restore_model)
+from .quantize import (QUANTIZABLE, activation_ranges, is_quantized, quantizable_layers, quantization_report,
+                       quantize_model, restore_model, set_activation_ranges)
 from .ranges import default_sigma, sigma_range
 from .report import LayerReport, QuantReport
 from .weights import quantize_weight
@@ -28,9 +28,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vquant_pl' has no attribute {name!r}")
 
 __all__ = [
-    "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantDescriptor", "QuantLinear", "TensorQuantizer",
-    "aciq_range", "allocate_bits", "bias_correct", "calibrate", "fake_tensor_quant", "quantized_layers",
-    "tensor_quant", "ImageClassifier", "ImageNetDataModule", "Preprocessing", "VQuantCallback", "create_model", "QUANTIZABLE", "LayerReport", "Probe", "QuantReport", "default_sigma", "fake_quant_activation",
-    "is_quantized", "quantizable_layers", "quantization_report", "quantize_model",
-    "quantize_weight", "restore_model", "sigma_range",
+    "QUANTIZABLE", "ImageClassifier", "ImageNetDataModule", "LayerReport", "Preprocessing", "Probe",
+    "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantDescriptor", "QuantLinear", "QuantReport",
+    "TensorQuantizer", "VQuantCallback", "aciq_range", "activation_ranges", "allocate_bits", "bias_correct",
+    "calibrate", "create_model", "default_sigma", "fake_quant_activation", "fake_tensor_quant",
+    "is_quantized", "quantizable_layers", "quantization_report", "quantize_model", "quantize_weight",
+    "quantized_layers", "restore_model", "set_activation_ranges", "sigma_range", "tensor_quant",
 ]

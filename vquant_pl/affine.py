@@ -72,6 +72,10 @@ class ActivationQuantizer:
                                 backends.native_fake_quant(device))
         return self._on[device]
 
+    def ranges(self) -> tuple[int, float, float, bool]:
+        """`(bits, lo, hi, signed)`: what `__init__` takes."""
+        return self.bits, self.lo, self.hi, self.signed
+
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_on": {}}  # the per-device cache holds a native function
 
@@ -93,3 +97,52 @@ def fake_quant_activation(x: Tensor, bits: int, lo: float | Tensor, hi: float | 
                           signed: bool) -> Tensor:
     """Fake-quantize an activation tensor with range `[lo, hi]` (DESIGN.md rule 3)."""
     return ActivationQuantizer(bits, lo, hi, signed)(x)
+
+
+class ChannelActivationQuantizer:
+    """Affine fake quantization with a range and a bit width per channel (for activation
+    bit allocation): rule 3 applied channel by channel along `dim`, signedness per tensor."""
+
+    def __init__(self, bits: Tensor, lo: Tensor, hi: Tensor, signed: bool, dim: int = 1):
+        bits = torch.as_tensor(bits).detach().cpu().flatten().long()
+        lo = torch.as_tensor(lo, dtype=torch.float32).detach().cpu().flatten()
+        hi = torch.as_tensor(hi, dtype=torch.float32).detach().cpu().flatten()
+        if not bits.numel() == lo.numel() == hi.numel() > 0:
+            raise ValueError(f"per-channel bits, lo and hi differ in length: {bits.numel()}, {lo.numel()}, {hi.numel()}")
+        if bits.min() < MIN_BITS or bits.max() > MAX_BITS:
+            raise ValueError(f"per-channel activation bits must lie in {MIN_BITS}..{MAX_BITS}, got "
+                             f"{int(bits.min())}..{int(bits.max())}")
+        self.channel_bits, self.channel_lo, self.channel_hi = bits, lo, hi
+        self.signed, self.dim = bool(signed), dim
+        self.bits = round(float(bits.float().mean()))  # the average, for reports
+        self.lo, self.hi = float(lo.min()), float(hi.max())
+        levels = (2.0 ** bits - 1).float()
+        half = (2.0 ** (bits - 1)).float()
+        self.scale = levels / torch.clamp(hi - lo, min=1e-8)  # (2^b - 1) / width per channel
+        self.zero_point = torch.round(self.scale * lo) + (half if signed else 0)
+        self.q_min, self.q_max = (-half, half - 1) if signed else (torch.zeros_like(levels), levels)
+        self._on: dict[tuple, tuple] = {}
+
+    def ranges(self) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """`(bits, lo, hi, signed)` per channel: what `__init__` takes."""
+        return self.channel_bits, self.channel_lo, self.channel_hi, self.signed
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_on": {}}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        dim = self.dim % x.dim()
+        if x.shape[dim] != self.channel_bits.numel():
+            raise ValueError(f"input of shape {tuple(x.shape)} has {x.shape[dim]} channels on dim {dim}; "
+                             f"the per-channel ranges are for {self.channel_bits.numel()}")
+        key = (x.device, x.dim(), dim)
+        if key not in self._on:
+            shape = [1] * x.dim()
+            shape[dim] = -1
+            self._on[key] = tuple(t.to(x.device).view(shape) for t in
+                                  (self.scale, self.zero_point, self.q_min, self.q_max))
+        scale, zero_point, q_min, q_max = self._on[key]
+        q = torch.mul(x.float(), scale)
+        q.sub_(zero_point).round_()
+        q = torch.clamp(q, q_min, q_max)
+        return q.add_(zero_point).div_(scale).to(x.dtype)

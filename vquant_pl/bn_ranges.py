@@ -110,10 +110,9 @@ def stats_range(s: ChannelStats, k: float) -> tuple[float, float, bool]:
     return -alpha, alpha, True
 
 
-def bn_ranges(model: nn.Module, layer_names: list[str], leaves: tuple, k_by_name: dict[str, float]
-              ) -> dict[str, tuple[float, float, bool] | str]:
-    """For each layer name: its input range `(lo, hi, signed)` from BN statistics, or the
-    reason there is none."""
+def bn_stats(model: nn.Module, layer_names: list[str], leaves: tuple) -> dict[str, ChannelStats | str]:
+    """For each layer name: the per-channel statistics of its input carried from BatchNorm,
+    or the reason there are none."""
     try:
         graph = _Tracer(leaves).trace(model)
     except Exception as err:
@@ -124,12 +123,20 @@ def bn_ranges(model: nn.Module, layer_names: list[str], leaves: tuple, k_by_name
         if node.op == "call_module" and node.target not in firsts:
             firsts[node.target] = node
     memo: dict = {}
-    out: dict[str, tuple[float, float, bool] | str] = {}
+    out: dict[str, ChannelStats | str] = {}
     for name in layer_names:
         node = firsts.get(name)
         if node is None or not node.args or not isinstance(node.args[0], fx.Node):
             out[name] = "not a call in the traced graph"
             continue
         s = _stats(node.args[0], modules, memo)
-        out[name] = "input not produced by a BatchNorm" if s is None else stats_range(s, k_by_name[name])
+        out[name] = "input not produced by a BatchNorm" if s is None else s
     return out
+
+
+def bn_ranges(model: nn.Module, layer_names: list[str], leaves: tuple, k_by_name: dict[str, float]
+              ) -> dict[str, tuple[float, float, bool] | str]:
+    """For each layer name: its input range `(lo, hi, signed)` from BN statistics, or the
+    reason there is none."""
+    return {name: s if isinstance(s, str) else stats_range(s, k_by_name[name])
+            for name, s in bn_stats(model, layer_names, leaves).items()}

@@ -16,7 +16,8 @@ from torch.utils.hooks import RemovableHandle
 
 from . import backends
 from .aciq import aciq_range, allocate_bits, bias_correct
-from .affine import ActivationQuantizer, check_bits
+from .affine import ActivationQuantizer, ChannelActivationQuantizer, check_bits
+from .channel_ranges import bn_channel_quantizer
 from .probe import Probe, make_probe
 from .ranges import default_sigma, sigma_range
 from .report import LayerReport, QuantReport
@@ -43,13 +44,18 @@ _STATES: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDiction
 _QUANTIZED_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-class _InputHook:
-    """Forward pre-hook: ranges the first input it sees while calibrating (by `range_fn`),
-    unless a range was given, then fake-quantizes every input with that fixed range."""
+Quantizer = ActivationQuantizer | ChannelActivationQuantizer
 
-    def __init__(self, bits: int, range_fn, fixed: tuple[float, float, bool] | None = None, calibrator=None):
-        self.bits, self.range_fn, self.calibrator = bits, range_fn, calibrator
-        self.quantizer = None if fixed is None else ActivationQuantizer(bits, *fixed)
+
+class _InputHook:
+    """Forward pre-hook: ranges the first input it sees while calibrating (by
+    `make_quantizer(x, bits)`), unless a quantizer was given, then fake-quantizes every
+    input with that fixed range."""
+
+    def __init__(self, bits: int, make_quantizer, quantizer: Quantizer | None = None, calibrator=None,
+                 channel_dim: int = 1):
+        self.bits, self.make_quantizer, self.calibrator = bits, make_quantizer, calibrator
+        self.quantizer, self.channel_dim = quantizer, channel_dim
         self.calibrating = True
         self.saw_negative = False
 
@@ -63,15 +69,25 @@ class _InputHook:
         if self.quantizer is None:
             if not self.calibrating:
                 return None  # never reached by the probe: the input stays float
-            self.quantizer = ActivationQuantizer(self.bits, *self.range_fn(args[0], self.bits))
+            self.quantizer = self.make_quantizer(args[0], self.bits)
         return (self.quantizer(args[0]), *args[1:])
 
 
-def _range_fn(act_range: str, sigma: float):
+def _quantizer_fn(act_range: str, sigma: float):
+    """`(x, bits) -> quantizer` ranging one probe activation (`bn` falls back to sigma)."""
     if act_range.startswith("aciq-"):
         dist = act_range.split("-", 1)[1]
-        return lambda x, bits: aciq_range(x, bits, dist)
-    return lambda x, bits: sigma_range(x, bits, sigma)
+        return lambda x, bits: ActivationQuantizer(bits, *aciq_range(x, bits, dist))
+    return lambda x, bits: ActivationQuantizer(bits, *sigma_range(x, bits, sigma))
+
+
+def _channel_dim(layer: nn.Module) -> int:
+    """The channel dimension of a layer's input: features last for Linear, 1 for convs."""
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+def _in_channels(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
 def quantize_layer_weight(weight: Tensor, bits: int, rounding: str, backend: str | None,
@@ -104,7 +120,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def check_settings(weight_bits: int, act_bits: int | None, rounding: str, act_range: str,
-                   sigma: float | None, bn_k: float | None = None, aciq_stats: str = "probe") -> None:
+                   sigma: float | None, bn_k: float | None = None, aciq_stats: str = "probe",
+                   act_bit_allocation: bool = False) -> None:
     """Raise a ValueError naming the first bad quantization setting."""
     check_bits(weight_bits, "weight_bits")
     if act_bits is not None:
@@ -118,12 +135,17 @@ def check_settings(weight_bits: int, act_bits: int | None, rounding: str, act_ra
         raise ValueError(f"bn_k must be a positive number, got {bn_k!r}")
     if aciq_stats not in ("probe", "bn"):
         raise ValueError(f"aciq_stats must be 'probe' or 'bn', got {aciq_stats!r}")
+    if act_bit_allocation and (act_bits is None or not (
+            act_range == "bn" or (act_range.startswith("aciq-") and aciq_stats == "bn"))):
+        raise ValueError("act_bit_allocation takes per-channel statistics from BatchNorm: it needs quantized "
+                         "activations and act_range='bn', or 'aciq-laplace'/'aciq-gauss' with aciq_stats='bn' "
+                         f"(got act_bits={act_bits!r}, act_range={act_range!r}, aciq_stats={aciq_stats!r})")
 
 
-def _check_args(model, weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats):
+def _check_args(model, weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats, act_bit_allocation):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_settings(weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats)
+    check_settings(weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats, act_bit_allocation)
     if model in _STATES:
         raise RuntimeError("model is already quantized; call vquant_pl.restore_model(model) first")
     layers = quantizable_layers(model)
@@ -155,7 +177,8 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
                    probe: Tensor | Probe | None = None, backend: str | None = None,
                    bias_correction: bool = False, bit_allocation: bool = False,
                    bn_k: float | None = None, aciq_stats: str = "probe", calibration=None,
-                   calib_batches: int | None = None, percentile: float = 99.99) -> QuantReport:
+                   calib_batches: int | None = None, percentile: float = 99.99,
+                   act_bit_allocation: bool = False) -> QuantReport:
     """Quantize `model` in place, data-free, by the VQuant/SQuant rules; return a report.
 
     Weights of every Conv1d/2d/3d and Linear (subclasses included) are quantized per output
@@ -169,23 +192,27 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
     the probe), `bn` (DFQ: from BatchNorm parameters, `bn_k` standard deviations, default by
     bits; layers whose input has no BatchNorm producer fall back to `sigma`, noted in the
     report), `none`. `bias_correction` applies ACIQ's per-channel weight correction;
-    `bit_allocation` gives output channels ACIQ-allocated bits averaging `weight_bits`.
+    `bit_allocation` gives output channels ACIQ-allocated bits averaging `weight_bits`;
+    `act_bit_allocation` gives each layer input a range and ACIQ-allocated bits per channel,
+    averaging the layer's activation bits, from BatchNorm statistics (with `act_range="bn"`
+    or ACIQ with `aciq_stats="bn"`; layers without them keep a per-tensor probe range).
     `max` / `percentile` / `mse` / `entropy` are data-driven, for comparison: ranges from
     NVIDIA-style calibrators over up to `calib_batches` batches of `calibration` (an iterable
     of input tensors or `(input, ...)` tuples), passed through the weight-quantized model.
     Undo with `restore_model(model)`. On any error the model is left as it was.
     """
-    layers = _check_args(model, weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats)
+    layers = _check_args(model, weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats,
+                         act_bit_allocation)
     backend_name, _ = backends.resolve(backend, layers[0][1].weight.device)
     quantize_acts = act_bits is not None and act_range != "none"
     if quantize_acts and sigma is None:
         sigma = default_sigma(act_bits)
     layer_bits = [None] + [LAST_LAYER_ACT_BITS if i == len(layers) - 1 else act_bits for i in range(1, len(layers))]
-    fixed: dict[str, tuple[float, float, bool] | str] = {}
+    fixed: dict[str, Quantizer | str] = {}  # quantizers (or why none) known before the probe
     from_bn = act_range == "bn" or (act_range.startswith("aciq-") and aciq_stats == "bn")
     if quantize_acts and from_bn:
         from .aciq import ACIQ_ALPHA
-        from .bn_ranges import DEFAULT_BN_K, bn_ranges
+        from .bn_ranges import DEFAULT_BN_K, bn_stats, stats_range
 
         def k_for(bits: int) -> float:
             if act_range == "aciq-gauss":
@@ -194,8 +221,17 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
                 return ACIQ_ALPHA["laplace"][bits] / 2 ** 0.5  # Laplace: E|x - mu| = std / sqrt(2)
             return bn_k or DEFAULT_BN_K[bits]
 
-        names = [name for name, _ in layers[1:]]
-        fixed = bn_ranges(model, names, QUANTIZABLE, {n: k_for(b) for n, b in zip(names, layer_bits[1:])})
+        stats = bn_stats(model, [name for name, _ in layers[1:]], QUANTIZABLE)
+        for (name, layer), bits in zip(layers[1:], layer_bits[1:]):
+            s = stats[name]
+            if isinstance(s, str):
+                fixed[name] = s
+            elif not act_bit_allocation:
+                fixed[name] = ActivationQuantizer(bits, *stats_range(s, k_for(bits)))
+            elif s.mean.numel() != _in_channels(layer):
+                fixed[name] = f"BN statistics for {s.mean.numel()} channels, input has {_in_channels(layer)}"
+            else:
+                fixed[name] = bn_channel_quantizer(s, k_for, bits, _channel_dim(layer))
     calibrated = quantize_acts and act_range in CALIBRATED_RANGES
     if calibrated and calibration is None:
         raise ValueError(f"act_range {act_range!r} is data-driven: pass calibration= (batches of inputs)")
@@ -246,8 +282,9 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
                     from .calib import make_calibrator
 
                     calibrator = make_calibrator(act_range, layer_bits[i], None, False)
-                hook = _InputHook(layer_bits[i], _range_fn(act_range, sigma),
-                                  given if isinstance(given, tuple) else None, calibrator)
+                hook = _InputHook(layer_bits[i], _quantizer_fn(act_range, sigma),
+                                  None if given is None or isinstance(given, str) else given, calibrator,
+                                  _channel_dim(layer))
                 if isinstance(given, str):
                     fallback = act_range if act_range != "bn" else "sigma"
                     report.layers[-1].note = f"bn range fallback to {fallback} on the probe: {given}"
@@ -276,8 +313,7 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
                 if hook.quantizer is None:
                     row.note = "not reached by the probe: input float"
                     continue
-                q = hook.quantizer
-                row.act_bits, row.act_lo, row.act_hi, row.signed = q.bits, q.lo, q.hi, q.signed
+                _fill_row(row, hook.quantizer)
     except BaseException:
         _undo(state)
         raise
@@ -285,6 +321,14 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: int | None 
     _STATES[model] = state
     _QUANTIZED_LAYERS.update(layer for _, layer in layers)
     return report
+
+
+def _fill_row(row: LayerReport, q: Quantizer) -> None:
+    row.act_bits, row.act_lo, row.act_hi, row.signed = q.bits, q.lo, q.hi, q.signed
+    if isinstance(q, ChannelActivationQuantizer):
+        note = f"act channel bits {int(q.channel_bits.min())}..{int(q.channel_bits.max())}"
+        if note not in row.note:
+            row.note = f"{row.note}; {note}" if row.note else note
 
 
 def _calibrate(model, hooks, batches, limit, method, percentile) -> None:
@@ -330,14 +374,14 @@ def _state(model: nn.Module) -> _State:
     return state
 
 
-def activation_ranges(model: nn.Module) -> list[tuple[int, float, float, bool] | None]:
-    """Per quantized layer, `(bits, lo, hi, signed)` of its input, or None for a float input."""
+def activation_ranges(model: nn.Module) -> list[tuple | None]:
+    """Per quantized layer, `(bits, lo, hi, signed)` of its input (bits, lo and hi are
+    per-channel tensors under `act_bit_allocation`), or None for a float input."""
     state = _state(model)
-    return [None if h is None or h.quantizer is None else
-            (h.quantizer.bits, h.quantizer.lo, h.quantizer.hi, h.quantizer.signed) for h in state.input_hooks]
+    return [None if h is None or h.quantizer is None else h.quantizer.ranges() for h in state.input_hooks]
 
 
-def set_activation_ranges(model: nn.Module, ranges: list[tuple[int, float, float, bool] | None]) -> None:
+def set_activation_ranges(model: nn.Module, ranges: list[tuple | None]) -> None:
     """Fix the input ranges of a quantized model (e.g. rank 0's, broadcast under DDP)."""
     state = _state(model)
     if len(ranges) != len(state.input_hooks):
@@ -345,8 +389,9 @@ def set_activation_ranges(model: nn.Module, ranges: list[tuple[int, float, float
     for hook, row, r in zip(state.input_hooks, state.report.layers, ranges):
         if hook is None or r is None:
             continue
-        hook.quantizer = ActivationQuantizer(*r)
-        row.act_bits, row.act_lo, row.act_hi, row.signed = r
+        hook.quantizer = (ChannelActivationQuantizer(*r, dim=hook.channel_dim) if isinstance(r[0], Tensor)
+                          else ActivationQuantizer(*r))
+        _fill_row(row, hook.quantizer)
 
 
 def quantization_report(model: nn.Module) -> QuantReport | None:

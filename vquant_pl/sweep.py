@@ -30,13 +30,19 @@ def _bits(cb: VQuantCallback | None) -> tuple[int | None, int | None]:
 
 def _method(settings: dict) -> str:
     text = f"{settings['rounding']}/{settings['act_range'] if settings['act_bits'] else 'none'}"
+    if settings["act_bits"] and settings["act_range"].startswith("aciq-") and settings.get("aciq_stats") == "bn":
+        text += "(bn)"
     return text + ("+bias-corr" if settings.get("bias_correction") else "") + \
-        ("+bit-alloc" if settings.get("bit_allocation") else "")
+        ("+bit-alloc" if settings.get("bit_allocation") else "") + \
+        ("+act-bit-alloc" if settings.get("act_bit_allocation") else "")
 
 
-def run_config(config: str, overrides: list[str], reference_cache: dict) -> dict:
+def run_config(config: str, overrides: list[str], reference_cache: dict, out: Path | None = None) -> dict:
+    """One config's test run (its resolved config.yaml saved under `out/<config name>/`)."""
     from .cli import make_cli
 
+    if out is not None:  # the user's --trainer.default_root_dir, after it, wins
+        overrides = ["--trainer.default_root_dir", str(out / Path(config).stem), *overrides]
     with warnings.catch_warnings():  # LightningCLI warns when args are given beside sys.argv
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
         cli = make_cli(["--config", config, *overrides], run=False)
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows, cache = [], {}
     for config in args.configs:
-        rows.append(run_config(config, overrides, cache))
+        rows.append(run_config(config, overrides, cache, out))
         print(f"{rows[-1]['config']}: top-1 {rows[-1]['top1']}  top-5 {rows[-1]['top5']}  "
               f"({rows[-1]['_seconds']:.0f} s)", flush=True)
     table = markdown(rows)
