@@ -143,6 +143,5 @@ class ChannelActivationQuantizer:
                                   (self.scale, self.zero_point, self.q_min, self.q_max))
         scale, zero_point, q_min, q_max = self._on[key]
         q = torch.mul(x.float(), scale)
-        q.sub_(zero_point).round_()
-        q = torch.clamp(q, q_min, q_max)
+        q.sub_(zero_point).round_().clamp_(q_min, q_max)
         return q.add_(zero_point).div_(scale).to(x.dtype)

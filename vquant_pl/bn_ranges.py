@@ -133,10 +133,3 @@ def bn_stats(model: nn.Module, layer_names: list[str], leaves: tuple) -> dict[st
         out[name] = "input not produced by a BatchNorm" if s is None else s
     return out
 
-
-def bn_ranges(model: nn.Module, layer_names: list[str], leaves: tuple, k_by_name: dict[str, float]
-              ) -> dict[str, tuple[float, float, bool] | str]:
-    """For each layer name: its input range `(lo, hi, signed)` from BN statistics, or the
-    reason there is none."""
-    return {name: s if isinstance(s, str) else stats_range(s, k_by_name[name])
-            for name, s in bn_stats(model, layer_names, leaves).items()}
