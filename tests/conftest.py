@@ -1,14 +1,7 @@
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VQUANT_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "golden" / "squant_golden.pt"
-SAMPLE = SHARED / "data" / "imagenet-sample"
-SYNSETS = SHARED / "data" / "imagenet_synsets.txt"
+from helpers import GOLDEN
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import vquant_pl as vq
 from vquant_pl import models
 from vquant_pl.cli import make_cli
 
-from conftest import REPO, SAMPLE
+from helpers import REPO, SAMPLE
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 

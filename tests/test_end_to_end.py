@@ -4,7 +4,7 @@ import torch
 
 import vquant_pl as vq
 
-from conftest import SAMPLE, SYNSETS
+from helpers import SAMPLE, SYNSETS
 
 
 @pytest.fixture(scope="module")

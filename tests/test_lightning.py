@@ -9,7 +9,7 @@ from torch import nn
 import vquant_pl as vq
 from vquant_pl.quantize import activation_ranges
 
-from conftest import SAMPLE
+from helpers import SAMPLE
 
 PROBE = (16, 3, 224, 224)  # a small probe keeps CI fast; the default is 256 images
 
