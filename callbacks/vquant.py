@@ -4,60 +4,104 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
-import pytorch_lightning as pl
+from vquant_pl import _lightning as pl  # either Lightning namespace (lightning.pytorch, pytorch_lightning)
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from vquant_pl._lightning import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from vquant_pl.config import AciqStats, ActRange, Backend, QuantConfig, Rounding
 from vquant_pl.probe import Probe
-from vquant_pl.quantize import (CALIBRATED_RANGES, activation_ranges, check_settings, is_quantized, quantizable_layers,
-                                quantization_report, quantize_model, restore_model, set_activation_ranges)
+from vquant_pl.quantize import (activation_ranges, is_quantized, quantizable_layers, quantization_report,
+                                quantize_model, restore_model, set_activation_ranges)
 from vquant_pl.report import QuantReport
+from vquant_pl.state import ORIGINALS, iter_states
 
-STAGES = {"test": "test", "validate": "validate", "predict": "predict"}
+Stage = Literal["test", "validate", "predict"]
+STAGES = ("test", "validate", "predict")
 
 
 class VQuantCallback(pl.Callback):
-    """Quantize the model (or its submodule `target`) at the start of the chosen stages,
-    and restore the exact float weights at their end unless `keep_quantized`.
+    """Quantize the model (or its submodule `target`) at the start of the chosen stages and
+    restore the exact float weights at their end, unless `keep_quantized`.
 
-    Takes the keyword arguments of `vquant_pl.quantize_model` (`weight_bits` -- None
-    leaves the model float, for a baseline --, `act_bits`, `rounding`, `act_range`, `sigma`,
-    `probe`, `backend`, `bias_correction`, `bit_allocation`, `act_bit_allocation`, `bn_k`,
-    `aciq_stats`) plus: `probe_seed` and `probe_shape` (the default probe when `probe` is
-    None), `target`, `stages` (any of "test", "validate", "predict"), `keep_quantized`,
-    `verbose` (print the per-layer table on rank 0), `calib_batches` (for the data-driven
-    `act_range`s max/percentile/mse/entropy, taken from the data module's
-    `val_dataloader()`). Under DDP, rank 0's quantized weights and ranges are broadcast so
-    that every rank holds identical ones. Quantization time, totals and the per-layer
-    report go to the trainer's loggers (metrics `vquant/...`, `vquant_report.json` in the
-    log dir).
+    The quantization settings are those of `vquant_pl.QuantConfig` (one keyword each, same
+    defaults and checks), plus the callback's own.
+
+    Args:
+        weight_bits: weight bits (2..8); None leaves the model float (a baseline run).
+        act_bits: activation bits (2..8); None keeps activations float.
+        rounding: weight rounding: nearest, squant-e, squant-k, squant-c or squant.
+        act_range: activation ranges: sigma, bn, aciq-laplace, aciq-gauss, max, percentile, mse, entropy or none.
+        sigma: width of the sigma rule; None means the paper's value for the bits (12/14/25).
+        bn_k: standard deviations of BN ranges; None means the default for the bits.
+        aciq_stats: where ACIQ measures the spread: probe or bn.
+        bias_correction: ACIQ's per-channel weight bias correction.
+        bit_allocation: ACIQ per-output-channel weight bits.
+        act_bit_allocation: per-channel activation ranges and bits from BatchNorm.
+        percentile: percentile of the data-driven percentile calibrator.
+        calib_batches: batches of the data module's val_dataloader() for data-driven ranges.
+        probe_seed: seed of the noise probe.
+        probe_shape: shape of the noise probe; None means (256, C, H, W) at the model's size.
+        backend: SQuant backend: None (fastest), torch, cpp or cuda.
+        probe: a probe tensor or `Probe`, instead of probe_seed/probe_shape (Python use).
+        target: dotted name of the submodule to quantize; None quantizes the whole LightningModule.
+        stages: the stages that run quantized: any of test, validate, predict.
+        keep_quantized: leave the model quantized after the stage.
+        verbose: print the per-layer table on rank 0.
+
+    Raises:
+        ValueError: a bad setting or stage, named, when the callback is built.
+
+    Checkpoints: the settings passed here always win over those saved in a checkpoint (a
+    differing checkpoint gets a one-line warning). A checkpoint written while the model is
+    quantized (`keep_quantized=True`) holds the float weights -- the callback swaps them in
+    -- so loading it and quantizing again never quantizes twice. Training (`fit`) a model
+    this callback keeps quantized is refused with the reason.
+
+    Example:
+        >>> import vquant_pl as vq
+        >>> cb = vq.VQuantCallback(weight_bits=4, act_bits=4, act_range="bn")
+        >>> cb.config.act_range
+        'bn'
     """
 
-    def __init__(self, weight_bits: int | None = 4, act_bits: int | None = 4, rounding: str = "squant",
-                 act_range: str = "sigma", sigma: float | None = None, probe: Tensor | Probe | None = None,
-                 probe_seed: int = 0, probe_shape: Sequence[int] | None = None, backend: str | None = None,
-                 target: str | None = None, stages: Sequence[str] = ("test",), keep_quantized: bool = False,
-                 verbose: bool = True, bias_correction: bool = False, bit_allocation: bool = False,
-                 bn_k: float | None = None, aciq_stats: str = "probe", calib_batches: int = 8,
-                 act_bit_allocation: bool = False):
-        if weight_bits is not None:  # None: the float baseline, nothing is quantized
-            check_settings(weight_bits, act_bits, rounding, act_range, sigma, bn_k, aciq_stats, act_bit_allocation)
+    def __init__(self, weight_bits: Optional[int] = 4, act_bits: Optional[int] = 4, rounding: Rounding = "squant",
+                 act_range: ActRange = "sigma", sigma: Optional[float] = None, bn_k: Optional[float] = None,
+                 aciq_stats: AciqStats = "probe", bias_correction: bool = False, bit_allocation: bool = False,
+                 act_bit_allocation: bool = False, percentile: float = 99.99, calib_batches: Optional[int] = 8,
+                 probe_seed: int = 0, probe_shape: Optional[Sequence[int]] = None, backend: Optional[Backend] = None,
+                 probe: Union[Tensor, Probe, None] = None, target: Optional[str] = None,
+                 stages: Union[Stage, Sequence[Stage]] = ("test",), keep_quantized: bool = False,
+                 verbose: bool = True):
+        settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range,
+                        sigma=sigma, bn_k=bn_k, aciq_stats=aciq_stats, bias_correction=bias_correction,
+                        bit_allocation=bit_allocation, act_bit_allocation=act_bit_allocation, percentile=percentile,
+                        calib_batches=calib_batches, probe_seed=probe_seed,
+                        probe_shape=tuple(probe_shape) if probe_shape is not None else None, backend=backend)
+        # weight_bits None: the float baseline, nothing is quantized (the rest is still checked)
+        self._checked = QuantConfig(**(settings | {"weight_bits": 4 if weight_bits is None else weight_bits}))
+        self.config: QuantConfig | None = None if weight_bits is None else self._checked
         stages = [stages] if isinstance(stages, str) else list(stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; expected any of {', '.join(STAGES)}")
-        self.settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range,
-                             sigma=sigma, backend=backend, bias_correction=bias_correction,
-                             bit_allocation=bit_allocation, bn_k=bn_k, aciq_stats=aciq_stats,
-                             act_bit_allocation=act_bit_allocation)
-        self.probe = probe if probe is not None else Probe(probe_seed, tuple(probe_shape) if probe_shape else None)
+        if probe is not None and not isinstance(probe, (Tensor, Probe)):
+            raise ValueError(f"probe must be a Tensor, a vquant_pl.Probe or None, got {type(probe).__name__}")
+        if target is not None and not isinstance(target, str):
+            raise ValueError(f"target must be a submodule name (str) or None, got {target!r}")
+        self.probe = probe
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
-        self.calib_batches = calib_batches
         self._quantized: nn.Module | None = None  # the module this callback quantized
         self.report: QuantReport | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The resolved settings (sigma filled in), `weight_bits` None for a float run."""
+        if self.config is None:
+            return self._checked.to_dict(resolved=True) | {"weight_bits": None}
+        return self.config.to_dict(resolved=True)
 
     # -- hooks ------------------------------------------------------------------------
     def on_test_start(self, trainer, pl_module):
@@ -80,27 +124,58 @@ class VQuantCallback(pl.Callback):
     def on_predict_end(self, trainer, pl_module):
         self._end("predict")
 
+    def on_fit_start(self, trainer, pl_module):
+        if is_quantized(pl_module):
+            raise RuntimeError(
+                "the model is quantized (VQuantCallback(keep_quantized=True) or vq.quantize_model): its weights are "
+                "fake-quantized in place and its inputs pass through fixed quantizers, which vquant-pl does not "
+                "train (no quantization-aware training). Call callback.restore() or vq.restore_model(model) "
+                "before fit.")
+
     def on_exception(self, trainer, pl_module, exception):
         self.restore()  # never leave a user's model quantized by a failed run
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint always holds float weights: swap the originals of quantized layers in."""
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        for name, module in pl_module.named_modules():
+            for tensor_name, original in module.__dict__.get(ORIGINALS, {}).items():
+                key = f"{name}.{tensor_name}" if name else tensor_name
+                if key in state:
+                    state[key] = original.detach().clone().to(state[key].device)
+        self._tied_keys(pl_module, state)
+
+    @staticmethod
+    def _tied_keys(pl_module: nn.Module, state: dict) -> None:
+        """A weight shared by several layers is saved under each name: float under all."""
+        owners: dict[int, Tensor] = {}
+        for name, module in pl_module.named_modules():
+            original = module.__dict__.get(ORIGINALS, {}).get("weight")
+            if original is not None:
+                owners[id(module.weight)] = original
+        for name, module in pl_module.named_modules():
+            weight = getattr(module, "weight", None)
+            key = f"{name}.weight" if name else "weight"
+            if isinstance(weight, Tensor) and id(weight) in owners and key in state:
+                state[key] = owners[id(weight)].detach().clone().to(state[key].device)
+
     def state_dict(self) -> dict[str, Any]:
-        probe = self.probe if isinstance(self.probe, Probe) else None
-        return dict(self.settings, target=self.target, stages=self.stages, keep_quantized=self.keep_quantized,
-                    probe_seed=probe.seed if probe else None,
-                    probe_shape=list(probe.shape) if probe and probe.shape else None)
+        return dict(self.settings, target=self.target, stages=list(self.stages), keep_quantized=self.keep_quantized)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.settings = {k: state_dict[k] for k in self.settings if k in state_dict} | {
-            k: v for k, v in self.settings.items() if k not in state_dict}
-        self.target = state_dict.get("target", self.target)
-        self.stages = state_dict.get("stages", self.stages)
-        self.keep_quantized = state_dict.get("keep_quantized", self.keep_quantized)
-        if state_dict.get("probe_seed") is not None:
-            shape = state_dict.get("probe_shape")
-            self.probe = Probe(state_dict["probe_seed"], tuple(shape) if shape else None)
+        """The settings passed to this callback win; a checkpoint with others is reported."""
+        mine = self.state_dict()
+        differing = {k: v for k, v in state_dict.items() if k in mine and mine[k] != v}
+        if differing:
+            rank_zero_warn("vquant: the checkpoint was saved with other quantization settings ("
+                           + ", ".join(f"{k}={v!r}" for k, v in differing.items())
+                           + "); using the ones passed to VQuantCallback ("
+                           + ", ".join(f"{k}={mine[k]!r}" for k in differing) + ")")
 
     # -- work -------------------------------------------------------------------------
-    def target_module(self, pl_module: pl.LightningModule) -> nn.Module:
+    def target_module(self, pl_module: nn.Module) -> nn.Module:
         if self.target is None:
             return pl_module
         try:
@@ -115,7 +190,7 @@ class VQuantCallback(pl.Callback):
         self._quantized = None
 
     def _start(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if stage not in self.stages or self.settings["weight_bits"] is None:
+        if stage not in self.stages or self.config is None:
             return
         module = self.target_module(pl_module)
         if is_quantized(module):
@@ -123,15 +198,14 @@ class VQuantCallback(pl.Callback):
             return
         start = time.perf_counter()
         calibration = None
-        if self.settings["act_range"] in CALIBRATED_RANGES and self.settings["act_bits"] is not None:
+        if self.config.quantizes_activations and self.config.act_range in ("max", "percentile", "mse", "entropy"):
             # data-driven ranges (for comparison only): batches of the data module's val loader
             datamodule = trainer.datamodule
             if datamodule is None:
-                raise ValueError(f"act_range {self.settings['act_range']!r} needs a datamodule with "
+                raise ValueError(f"act_range {self.config.act_range!r} needs a datamodule with "
                                  "val_dataloader() to calibrate on")
             calibration = datamodule.val_dataloader()
-        quantize_model(module, probe=self.probe, calibration=calibration, calib_batches=self.calib_batches,
-                       **self.settings)
+        quantize_model(module, probe=self.probe, calibration=calibration, config=self.config)
         self._quantized = module
         self._broadcast(trainer, module)
         self.report = quantization_report(module)
@@ -151,21 +225,39 @@ class VQuantCallback(pl.Callback):
                 torch.distributed.broadcast(layer.weight.data, src=0)
         set_activation_ranges(module, trainer.strategy.broadcast(activation_ranges(module), src=0))
 
+    def hparams(self) -> dict[str, Any]:
+        """What a logger records: the resolved settings and the probe actually used."""
+        probe = self.report.probe if self.report is not None else None
+        out = {f"vquant/{k}": v for k, v in self.settings.items()}
+        out["vquant/probe"] = probe
+        out["vquant/backend"] = self.report.backend if self.report is not None else None
+        return out
+
     def _log(self, trainer: pl.Trainer, report: QuantReport, seconds: float) -> None:
         metrics = {"vquant/quant_time_s": seconds, "vquant/weight_time_ms": report.weight_time_s * 1e3,
                    "vquant/probe_time_s": report.probe_time_s, "vquant/layers": float(report.num_layers),
                    "vquant/weights": float(report.num_weights)}
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_hyperparams({f"vquant/{k}": v for k, v in self.settings.items()})
-                logger.log_metrics(metrics, step=trainer.global_step)
-                log_dir = getattr(logger, "log_dir", None)
-                if log_dir:
-                    os.makedirs(log_dir, exist_ok=True)
-                    with open(os.path.join(log_dir, "vquant_report.json"), "w") as f:
-                        json.dump(report.to_dict(), f, indent=1)
-                add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
-                if callable(add_text):
-                    add_text("vquant/report", "```\n" + report.table() + "\n```", trainer.global_step)
-            if self.verbose:
-                rank_zero_info(report.table() + f"\nquantized in {seconds:.2f} s")
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.hparams())
+            logger.log_metrics(metrics, step=trainer.global_step)
+            log_dir = getattr(logger, "log_dir", None)
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                with open(os.path.join(log_dir, "vquant_report.json"), "w") as f:
+                    json.dump(report.to_dict(), f, indent=1)
+            experiment = getattr(logger, "experiment", None)
+            add_text = getattr(experiment, "add_text", None)
+            if callable(add_text):
+                add_text("vquant/report", "```\n" + report.table() + "\n```", trainer.global_step)
+            add_figure = getattr(experiment, "add_figure", None)
+            if callable(add_figure):
+                try:
+                    from vquant_pl.plots import layer_figure
+                except ImportError:
+                    layer_figure = None
+                if layer_figure is not None:
+                    add_figure("vquant/layers", layer_figure(report), trainer.global_step)
+        if self.verbose:
+            rank_zero_info(report.table() + f"\nquantized in {seconds:.2f} s")

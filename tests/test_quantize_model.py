@@ -176,7 +176,7 @@ def test_report_has_layers_and_totals():
     (dict(act_bits=9), ValueError, "act_bits must be an integer in 2..8, got 9"),
     (dict(rounding="squant-z"), ValueError, "unknown rounding 'squant-z'"),
     (dict(act_range="minmax"), ValueError, "unknown act_range 'minmax'"),
-    (dict(sigma=-1), ValueError, "sigma must be a positive number"),
+    (dict(sigma=-1), ValueError, "sigma must be a positive finite number"),
     (dict(probe=torch.rand(2, 1, 16, 16)), ValueError, r"probe of shape \(2, 1, 16, 16\) does not fit Net"),
     (dict(probe=torch.rand(16, 16)), ValueError, r"probe of shape \(16, 16\) does not fit Net"),
     (dict(probe="noise"), TypeError, "probe must be a Tensor"),

@@ -54,8 +54,8 @@ def default_probe_shape(model: nn.Module, first_layer: nn.Module) -> tuple[int, 
 
 
 def make_probe(probe: Tensor | Probe | None, model: nn.Module, first_layer: nn.Module,
-               device: torch.device) -> Tensor:
-    """The probe tensor on `device`, float32."""
+               device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The probe tensor on `device`, in the model's `dtype` (drawn in float32)."""
     if probe is None:
         probe = Probe()
     if isinstance(probe, Probe):
@@ -66,4 +66,6 @@ def make_probe(probe: Tensor | Probe | None, model: nn.Module, first_layer: nn.M
     if not probe.is_floating_point() or probe.dim() < 2 or probe.shape[0] < 1:
         raise ValueError(f"probe must be a floating-point batch tensor [N, ...], got "
                          f"{probe.dtype} of shape {tuple(probe.shape)}")
-    return probe.detach().to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(probe).all()):
+        raise ValueError("the probe holds NaN or infinite values")
+    return probe.detach().to(device=device, dtype=dtype)

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
 
 
 @dataclass
@@ -23,17 +27,35 @@ class LayerReport:
 
 @dataclass
 class QuantReport:
-    """A whole-model run: settings, per-layer rows and totals."""
+    """A whole-model run: its settings (a `QuantConfig`), per-layer rows and totals."""
 
-    weight_bits: int
-    act_bits: int | None
-    rounding: str
-    act_range: str
-    sigma: float | None
+    config: "QuantConfig"
     backend: str
     layers: list[LayerReport] = field(default_factory=list)
     weight_time_s: float = 0.0
     probe_time_s: float = 0.0
+    probe: dict | None = None  # the default probe's seed and shape, or the shape of a given one
+
+    @property
+    def weight_bits(self) -> int:
+        return self.config.weight_bits
+
+    @property
+    def act_bits(self) -> int | None:
+        return self.config.act_bits if self.config.quantizes_activations else None
+
+    @property
+    def rounding(self) -> str:
+        return self.config.rounding
+
+    @property
+    def act_range(self) -> str:
+        return self.config.act_range if self.config.quantizes_activations else "none"
+
+    @property
+    def sigma(self) -> float | None:
+        """The sigma actually used (the paper's value when the config left it None)."""
+        return self.config.resolved_sigma
 
     @property
     def num_layers(self) -> int:
@@ -50,7 +72,11 @@ class QuantReport:
         return total
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"num_layers": self.num_layers, "num_weights": self.num_weights}
+        """Plain values (JSON-ready): the resolved settings, every layer and the totals."""
+        return {"config": self.config.to_dict(resolved=True), "backend": self.backend,
+                "probe": self.probe, "weight_time_s": self.weight_time_s, "probe_time_s": self.probe_time_s,
+                "num_layers": self.num_layers, "num_weights": self.num_weights,
+                "layers": [asdict(r) for r in self.layers]}
 
     def table(self) -> str:
         """A readable per-layer table with a totals line."""

@@ -1,0 +1,119 @@
+"""VQuantCallback: checkpoint semantics, keep_quantized, fit, precision plugins."""
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+import vquant_pl as vq
+
+PROBE = (4, 3, 12, 12)
+
+
+class UserModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        self.weights_seen = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def test_step(self, batch, batch_idx):
+        self.weights_seen.append(self.net[3].weight.detach().clone())
+        self.log("test/mean_logit", self(batch[0]).float().mean())
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).float().pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def _loader(self):
+        data = torch.utils.data.TensorDataset(torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(0)))
+        return torch.utils.data.DataLoader(data, batch_size=3)
+
+    def test_dataloader(self):
+        return self._loader()
+
+    def train_dataloader(self):
+        return self._loader()
+
+
+def _trainer(tmp_path, callback, **kwargs):
+    return pl.Trainer(**dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                             callbacks=[callback]) | kwargs)
+
+
+def _floats(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_settings_passed_win_over_the_checkpoint(tmp_path):
+    module = UserModule()
+    floats = _floats(module)
+    trainer = _trainer(tmp_path, vq.VQuantCallback(6, 6, probe_shape=PROBE, verbose=False))
+    trainer.test(module, verbose=False)
+    trainer.save_checkpoint(tmp_path / "w6a6.ckpt")
+
+    fresh = UserModule()
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, verbose=False)
+    with pytest.warns(UserWarning, match=r"other quantization settings \(weight_bits=6, act_bits=6, sigma=14.0\)"):
+        _trainer(tmp_path, callback).test(fresh, ckpt_path=tmp_path / "w6a6.ckpt", verbose=False)
+    assert callback.report.weight_bits == 4 and callback.report.act_bits == 4
+    assert torch.equal(fresh.weights_seen[0], vq.quantize_weight(floats["net.3.weight"], 4))
+
+
+def test_checkpoint_of_a_kept_quantized_model_holds_floats_and_reloads_quantized_once(tmp_path):
+    module = UserModule()
+    floats = _floats(module)
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, keep_quantized=True, verbose=False)
+    trainer = _trainer(tmp_path, callback)
+    trainer.test(module, verbose=False)
+    assert vq.is_quantized(module)
+    trainer.save_checkpoint(tmp_path / "kept.ckpt")
+    saved = torch.load(tmp_path / "kept.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], floats[k]) for k in floats)  # float weights on disk
+    assert vq.is_quantized(module)  # saving did not change the live model
+
+    fresh = UserModule()
+    again = vq.VQuantCallback(4, 4, probe_shape=PROBE, keep_quantized=True, verbose=False)
+    _trainer(tmp_path, again).test(fresh, ckpt_path=tmp_path / "kept.ckpt", verbose=False)
+    expected = vq.quantize_weight(floats["net.3.weight"], 4)
+    assert torch.equal(fresh.net[3].weight, expected)  # quantized once, from the floats
+    assert torch.equal(fresh.eval()(torch.ones(1, 3, 12, 12)), module.eval()(torch.ones(1, 3, 12, 12)))
+    vq.restore_model(fresh)
+    assert [k for k in floats if not torch.equal(fresh.state_dict()[k], floats[k])] == []
+
+
+def test_fit_after_keep_quantized_says_why_not(tmp_path):
+    module = UserModule()
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, keep_quantized=True, verbose=False)
+    _trainer(tmp_path, callback).test(module, verbose=False)
+    with pytest.raises(RuntimeError, match="does not train .*Call callback.restore\\(\\)"):
+        _trainer(tmp_path, callback, max_steps=1).fit(module)
+    callback.restore()
+    _trainer(tmp_path, callback, max_steps=1).fit(module)  # trains once restored
+    assert not vq.is_quantized(module)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true"])
+def test_true_precision_plugins_evaluate(tmp_path, precision):
+    module = UserModule()
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, verbose=False)
+    result = _trainer(tmp_path, callback, precision=precision).test(module, verbose=False)[0]
+    dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}[precision]
+    assert callback.report.num_layers == 3 and module.weights_seen[0].dtype == dtype
+    assert result["test/mean_logit"] == result["test/mean_logit"]  # finite, not NaN
+
+
+def test_hparams_hold_the_resolved_settings():
+    module = UserModule()
+    callback = vq.VQuantCallback(8, 8, probe_shape=PROBE, verbose=False)
+    _trainer(None, callback).test(module, verbose=False)
+    hp = callback.hparams()
+    assert hp["vquant/sigma"] == 25.0 and hp["vquant/probe"] == {"seed": 0, "shape": list(PROBE)}
+    assert hp["vquant/probe_seed"] == 0 and hp["vquant/probe_shape"] == list(PROBE)

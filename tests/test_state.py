@@ -1,0 +1,195 @@
+"""Quantization state lives on the layers: tied weights, deep copies, pickles, dtypes, NaN errors."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import vquant_pl as vq
+
+PROBE = vq.Probe(seed=1, shape=(4, 3, 16, 16))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class Tied(nn.Module):
+    """Two layers holding one Parameter (as weight tying does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snapshot):
+    state = model.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in snapshot)
+
+
+def test_tied_weight_is_quantized_once_and_restored_exactly():
+    model = Tied()
+    floats = _snapshot(model)
+    expected = vq.quantize_weight(model.a.weight.detach().clone(), 4)
+    report = vq.quantize_model(model, 4, 4, probe=torch.rand(8, 6))
+    assert torch.equal(model.a.weight, expected)  # once, not the quantized weight quantized again
+    assert "shared with 'a'" in report.layers[1].note
+    vq.restore_model(model)
+    assert _same(model, floats) and model.b.weight is model.a.weight
+
+
+def test_deepcopy_of_a_quantized_model_is_quantized_and_restorable():
+    model = Net().eval()
+    x = torch.rand(2, 3, 16, 16)
+    floats, float_out = _snapshot(model), model(x)
+    vq.quantize_model(model, 4, 4, probe=PROBE)
+    quant_out = model(x)
+    twin = copy.deepcopy(model)
+    assert vq.is_quantized(twin) and torch.equal(twin(x), quant_out)
+    assert vq.activation_ranges(twin) == vq.activation_ranges(model)
+    with pytest.raises(RuntimeError, match="already quantized"):
+        vq.quantize_model(twin, 4, 4, probe=PROBE)  # no second set of hooks
+    vq.restore_model(twin)
+    assert _same(twin, floats) and torch.equal(twin(x), float_out) and not vq.is_quantized(twin)
+    assert torch.equal(model(x), quant_out)  # the original is untouched by its twin's restore
+
+
+def test_torch_save_and_load_of_a_quantized_model():
+    model = Net().eval()
+    x = torch.rand(2, 3, 16, 16)
+    floats = _snapshot(model)
+    vq.quantize_model(model, 4, 4, probe=PROBE)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), model(x))
+    assert vq.quantization_report(loaded).to_dict() == vq.quantization_report(model).to_dict()
+    assert loaded.state_dict().keys() == floats.keys()  # state_dict keys unchanged
+    vq.restore_model(loaded)
+    assert _same(loaded, floats)
+
+
+def test_report_and_ranges_are_read_from_the_layers():
+    model = Net().eval()
+    report = vq.quantize_model(model, 4, 4, probe=PROBE)
+    assert [r.name for r in report.layers] == ["conv1", "conv2", "fc"]
+    assert report.sigma == 12.0 and report.probe == {"seed": 1, "shape": [4, 3, 16, 16]}
+    assert vq.activation_ranges(model)[0] is None and vq.activation_ranges(model)[2][0] == 8
+    sub = vq.quantization_report(model.conv2)
+    assert [r.name for r in sub.layers] == ["conv2"]  # rows keep the names of the run
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_double_precision_models_quantize(dtype):
+    ref = Net().eval()
+    model = copy.deepcopy(ref).to(dtype)
+    floats = _snapshot(model)
+    vq.quantize_model(ref, 4, 4, probe=PROBE)
+    vq.quantize_model(model, 4, 4, probe=PROBE)
+    for (_, a), (_, b) in zip(vq.quantizable_layers(ref), vq.quantizable_layers(model)):
+        assert b.weight.dtype == dtype
+        # the rules computed in float32 on the weight as the model holds it, cast back
+        expected = vq.quantize_weight(floats[_name(model, b) + ".weight"], 4)
+        assert torch.equal(b.weight, expected)
+    y = model(torch.rand(2, 3, 16, 16, dtype=dtype))
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+    vq.restore_model(model)
+    assert _same(model, floats)
+
+
+def _name(model, layer):
+    return next(n for n, m in model.named_modules() if m is layer)
+
+
+def test_nan_in_the_probe_is_named():
+    probe = torch.rand(4, 3, 16, 16)
+    probe[0, 0, 0, 0] = float("nan")
+    model = Net()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="the probe holds NaN or infinite values"):
+        vq.quantize_model(model, 4, 4, probe=probe)
+    assert _same(model, snapshot) and not vq.is_quantized(model)
+
+
+def test_inf_in_a_bias_is_named():
+    model = Net()
+    with torch.no_grad():
+        model.conv2.bias[3] = float("inf")
+    with pytest.raises(ValueError, match="bias of layer 'conv2' holds NaN or infinite values"):
+        vq.quantize_model(model, 4, 4, probe=PROBE)
+
+
+def test_nan_in_batchnorm_statistics_is_named():
+    model = Net()
+    model.bn.running_var[2] = float("nan")
+    with pytest.raises(ValueError, match="BatchNorm 'bn': running_var holds NaN or infinite values"):
+        vq.quantize_model(model, 4, 4, probe=PROBE)
+
+
+def test_nan_produced_inside_the_network_names_the_layer():
+    class Bad(Net):
+        def forward(self, x):
+            x = torch.relu(self.bn(self.conv1(x)))
+            x = torch.relu(self.conv2(x * float("inf")))
+            return self.fc(self.pool(x).flatten(1))
+
+    model = Bad()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="the input of layer 'conv2' holds NaN or inf on the probe"):
+        vq.quantize_model(model, 4, 4, probe=PROBE)
+    assert _same(model, snapshot) and not vq.is_quantized(model)
+
+
+@pytest.mark.parametrize("sigma", [float("inf"), float("nan"), 0.0, True])
+def test_sigma_must_be_finite_and_positive(sigma):
+    with pytest.raises(ValueError, match="sigma must be a positive finite number"):
+        vq.QuantConfig(sigma=sigma)
+
+
+def test_save_original_is_restored_by_restore_model():
+    model = Net().eval()
+    floats = _snapshot(model)
+    vq.quantize_model(model, 8, None)
+    with torch.no_grad():
+        assert vq.save_original(model.bn, "running_mean")
+        assert not vq.save_original(model.bn, "running_mean")  # already saved: the first value wins
+        model.bn.running_mean.add_(1.0)
+    vq.restore_model(model)
+    assert _same(model, floats)
+
+
+def test_a_failed_run_restores_everything():
+    class Breaks(Net):
+        def forward(self, x):
+            if x.shape[0] > 1:
+                raise RuntimeError("boom")
+            return super().forward(x)
+
+    model = Breaks()
+    snapshot = _snapshot(model)
+    with pytest.raises(RuntimeError, match="the probe pass through the quantized model failed: boom"):
+        vq.quantize_model(model, 4, 4, probe=PROBE)
+    assert _same(model, snapshot) and not vq.is_quantized(model)
+    assert all(not m._forward_pre_hooks for m in model.modules())

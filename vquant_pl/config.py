@@ -1,0 +1,159 @@
+"""`QuantConfig`: every quantization setting, its default and its check, in one place.
+
+`quantize_model`, `VQuantCallback`, the CLI `quant:` group, the sweep and the report all
+take or read this one dataclass (tests fail when one of them misses a field).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal, Optional, Sequence, get_args
+
+from .affine import check_bits
+
+Rounding = Literal["nearest", "squant-e", "squant-k", "squant-c", "squant"]
+ActRange = Literal["sigma", "bn", "aciq-laplace", "aciq-gauss", "max", "percentile", "mse", "entropy", "none"]
+AciqStats = Literal["probe", "bn"]
+Backend = Literal["torch", "cpp", "cuda"]
+
+
+def _positive(value: Any, name: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _choice(value: Any, name: str, kind: Any) -> None:
+    allowed = get_args(kind)
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The settings of one quantization run (DESIGN.md rules 1-7 and the methods).
+
+    Args:
+        weight_bits: bits of every quantized layer's weights (2..8), per output channel.
+        act_bits: bits of the layer inputs (2..8); None keeps activations float.
+        rounding: weight rounding: ``nearest``, ``squant-e``, ``squant-k``, ``squant-c`` or ``squant``.
+        act_range: how each layer input is ranged: ``sigma`` (the SQuant rule on the probe),
+            ``bn`` (DFQ, from BatchNorm, sigma fallback), ``aciq-laplace``/``aciq-gauss``,
+            the data-driven ``max``/``percentile``/``mse``/``entropy``, or ``none``.
+        sigma: the sigma rule's width; None means the paper's value for ``act_bits`` (12/14/25).
+        bn_k: standard deviations of the BN range; None means the default for the bits.
+        aciq_stats: where ACIQ measures the spread: ``probe`` or ``bn`` (BatchNorm statistics).
+        bias_correction: ACIQ's per-channel weight bias correction after rounding.
+        bit_allocation: ACIQ per-output-channel weight bits averaging ``weight_bits``.
+        act_bit_allocation: per-channel activation ranges and bits from BatchNorm statistics.
+        percentile: the percentile of the ``percentile`` calibrator, in (0, 100].
+        calib_batches: batches the data-driven methods calibrate on (None: all given).
+        probe_seed: seed of the default noise probe.
+        probe_shape: shape of the default probe; None means (256, C, H, W) at the model's size.
+        backend: SQuant backend: None (fastest available), ``torch``, ``cpp`` or ``cuda``.
+
+    Raises:
+        ValueError: naming the first setting that is out of range or inconsistent.
+
+    Example:
+        >>> QuantConfig(weight_bits=6, act_bits=6).resolved_sigma
+        14.0
+    """
+
+    weight_bits: int = 4
+    act_bits: Optional[int] = 4
+    rounding: Rounding = "squant"
+    act_range: ActRange = "sigma"
+    sigma: Optional[float] = None
+    bn_k: Optional[float] = None
+    aciq_stats: AciqStats = "probe"
+    bias_correction: bool = False
+    bit_allocation: bool = False
+    act_bit_allocation: bool = False
+    percentile: float = 99.99
+    calib_batches: Optional[int] = 8
+    probe_seed: int = 0
+    probe_shape: Optional[tuple[int, ...]] = None
+    backend: Optional[Backend] = None
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "act_bits")
+        _choice(self.rounding, "rounding", Rounding)
+        _choice(self.act_range, "act_range", ActRange)
+        _choice(self.aciq_stats, "aciq_stats", AciqStats)
+        if self.backend is not None:
+            _choice(self.backend, "backend", Backend)
+        _positive(self.sigma, "sigma")
+        _positive(self.bn_k, "bn_k")
+        for name in ("bias_correction", "bit_allocation", "act_bit_allocation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _positive(self.percentile, "percentile", allow_none=False)
+        if self.percentile > 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if self.calib_batches is not None and (isinstance(self.calib_batches, bool) or
+                                               not isinstance(self.calib_batches, int) or self.calib_batches < 1):
+            raise ValueError(f"calib_batches must be a positive integer or None, got {self.calib_batches!r}")
+        if isinstance(self.probe_seed, bool) or not isinstance(self.probe_seed, int):
+            raise ValueError(f"probe_seed must be an integer, got {self.probe_seed!r}")
+        if self.probe_shape is not None:
+            shape = tuple(self.probe_shape)
+            if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+                raise ValueError(f"probe_shape must be a batch shape [N, ...] of positive integers, "
+                                 f"got {self.probe_shape!r}")
+            object.__setattr__(self, "probe_shape", shape)
+        if self.act_bit_allocation and (self.act_bits is None or not self.ranges_from_bn):
+            raise ValueError("act_bit_allocation takes per-channel statistics from BatchNorm: it needs quantized "
+                             "activations and act_range='bn', or 'aciq-laplace'/'aciq-gauss' with aciq_stats='bn' "
+                             f"(got act_bits={self.act_bits!r}, act_range={self.act_range!r}, "
+                             f"aciq_stats={self.aciq_stats!r})")
+
+    # -- derived -----------------------------------------------------------------------
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits is not None and self.act_range != "none"
+
+    @property
+    def ranges_from_bn(self) -> bool:
+        """Ranges come from BatchNorm statistics (the probe only where none feeds a layer)."""
+        return self.act_range == "bn" or (self.act_range.startswith("aciq-") and self.aciq_stats == "bn")
+
+    @property
+    def resolved_sigma(self) -> float | None:
+        """`sigma`, or the paper's value for `act_bits`; None when activations stay float."""
+        if not self.quantizes_activations:
+            return None
+        from .ranges import default_sigma
+
+        return float(self.sigma) if self.sigma is not None else default_sigma(self.act_bits)
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        """A copy with `changes` applied (checked again)."""
+        return replace(self, **changes)
+
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """The fields as plain values; `resolved` fills in the sigma actually used."""
+        out = asdict(self)
+        if out["probe_shape"] is not None:
+            out["probe_shape"] = list(out["probe_shape"])
+        if resolved:
+            out["sigma"] = self.resolved_sigma
+        return out
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, config: "QuantConfig | None" = None, **kwargs: Any) -> "QuantConfig":
+        """`config` (or the defaults) with the given keyword settings applied; an unknown
+        name is a TypeError that lists the known ones."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"unknown quantization setting(s) {unknown}; known: {', '.join(cls.field_names())}")
+        if isinstance(kwargs.get("probe_shape"), Sequence):
+            kwargs["probe_shape"] = tuple(kwargs["probe_shape"])
+        return (config or cls()).replace(**kwargs) if kwargs else (config or cls())

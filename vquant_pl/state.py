@@ -1,0 +1,134 @@
+"""Quantization state kept on the modules themselves, as `torch.nn.utils.prune` does.
+
+A quantized layer carries three things, all plain picklable objects (no closures), so a
+`copy.deepcopy`, a `torch.save`/`torch.load` or a DDP broadcast of the model carries them
+and stays restorable; `state_dict` keys do not change:
+
+- ``module._vquant_originals``: ``{name: float original}`` of every parameter or buffer the
+  run changed (weights, and whatever a pre-quantization transform touched);
+- ``module._vquant_layer``: a `LayerState` (its report row and the run it belongs to);
+- an `InputQuantizer` among ``module._forward_pre_hooks``.
+
+A Parameter shared by several modules is saved (and restored) once: within one run,
+`save_original` remembers which tensors it already saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import QuantConfig
+from .input_quantizer import InputQuantizer
+from .report import LayerReport
+
+ORIGINALS = "_vquant_originals"
+LAYER = "_vquant_layer"
+
+_RUN_SAVED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vquant_run_saved", default=None)
+
+
+@dataclass
+class RunInfo:
+    """What one `quantize_model` call did, shared by its layers' states."""
+
+    config: QuantConfig
+    backend: str
+    probe: dict | None = None  # {"seed": ..., "shape": [...]} or {"tensor": shape} for a given probe
+    weight_time_s: float = 0.0
+    probe_time_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerState:
+    """The quantization state of one layer: its report row and its run."""
+
+    row: LayerReport
+    run: RunInfo
+
+
+@contextlib.contextmanager
+def run_scope() -> Iterator[None]:
+    """Within one quantization run, a tensor shared by several modules is saved once."""
+    token = _RUN_SAVED.set({})
+    try:
+        yield
+    finally:
+        _RUN_SAVED.reset(token)
+
+
+def save_original(module: nn.Module, name: str) -> bool:
+    """Keep the current value of `module.<name>` (a parameter or buffer) so that
+    `restore_model` can put it back exactly. Call it before changing the tensor.
+
+    Returns False (and saves nothing) when that value is already saved, on this module or,
+    within the current run, through another module sharing the same tensor.
+
+    Example:
+        >>> conv = nn.Conv2d(1, 1, 1)
+        >>> save_original(conv, "weight")
+        True
+    """
+    tensor = getattr(module, name)
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
+    originals = module.__dict__.setdefault(ORIGINALS, {})
+    if name in originals:
+        return False
+    saved = _RUN_SAVED.get()
+    if saved is not None:
+        if id(tensor) in saved:
+            return False
+        saved[id(tensor)] = tensor
+    with torch.no_grad():
+        originals[name] = tensor.detach().clone()
+    return True
+
+
+def iter_states(model: nn.Module) -> Iterator[tuple[str, nn.Module, LayerState]]:
+    """(name, layer, state) of every quantized layer, in `model.modules()` order."""
+    for name, module in model.named_modules():
+        state = module.__dict__.get(LAYER)
+        if state is not None:
+            yield name, module, state
+
+
+def has_state(model: nn.Module) -> bool:
+    return any(LAYER in m.__dict__ or ORIGINALS in m.__dict__ for m in model.modules())
+
+
+def input_quantizer(module: nn.Module):
+    """The module's `InputQuantizer` pre-hook, or None."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, InputQuantizer):
+            return hook
+    return None
+
+
+def _remove_input_quantizers(module: nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, InputQuantizer):
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            getattr(module, "_forward_pre_hooks_always_called", {}).pop(key, None)
+
+
+@torch.no_grad()
+def restore_all(model: nn.Module) -> int:
+    """Put back every saved original, remove input quantizers and layer states; return how
+    many modules held state."""
+    count = 0
+    for module in model.modules():
+        originals = module.__dict__.pop(ORIGINALS, None)
+        held = module.__dict__.pop(LAYER, None) is not None or originals is not None
+        for name, value in (originals or {}).items():
+            getattr(module, name).copy_(value)
+        _remove_input_quantizers(module)
+        count += held
+    return count
+
