@@ -105,7 +105,7 @@ def _layer_act_bits(config: QuantConfig, count: int) -> list[Optional[int]]:
 
 def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
     """Ranges from BatchNorm statistics (DFQ), before any probe; reasons where none."""
-    from .bn_ranges import bn_stats, stats_range
+    from .bn_ranges import bn_stats
 
     config, method = plan.config, plan.method
     stats = bn_stats(model, [name for name, _ in plan.layers[1:]], QUANTIZABLE)
@@ -114,7 +114,7 @@ def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
         if isinstance(s, str):
             plan.fixed[name] = s
         elif not config.act_bit_allocation:
-            plan.fixed[name] = ActivationQuantizer(bits, *stats_range(s, method.bn_k(bits, config)))
+            plan.fixed[name] = ActivationQuantizer(bits, *method.range_from_bn(s, bits, config, layer))
         elif s.mean.numel() != _in_channels(layer):
             plan.fixed[name] = f"BN statistics for {s.mean.numel()} channels, input has {_in_channels(layer)}"
         else:
@@ -133,6 +133,9 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
             raise ValueError(f"act_range {config.act_range!r} is data-driven: pass calibration= (batches of inputs)")
         return plan
     if plan.method.uses_bn(config):
+        if config.act_bit_allocation and plan.method.bn_k is None:
+            raise ValueError(f"act_bit_allocation needs a BatchNorm range in standard deviations; act_range "
+                             f"{config.act_range!r} has none")
         _bn_ranges(model, plan)
         if not any(isinstance(v, str) for v in plan.fixed.values()):
             return plan  # every layer ranged from BatchNorm: no probe at all

@@ -10,15 +10,17 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .aciq import ACIQ_ALPHA, aciq_range
-from .bn_ranges import DEFAULT_BN_K
+from .bn_ranges import DEFAULT_BN_K, ChannelStats, stats_range
 from .config import QuantConfig
 from .ranges import sigma_range
 
 ProbeRange = Callable[[Tensor, int, QuantConfig], "tuple[float, float, bool]"]
 BnK = Callable[[int, QuantConfig], float]
+#: (per-channel BN statistics of the input, bits, config, the consuming layer) -> (lo, hi, signed)
+BnRange = Callable[[ChannelStats, int, QuantConfig, nn.Module], "tuple[float, float, bool]"]
 
 
 @dataclass(frozen=True)
@@ -27,12 +29,19 @@ class RangeMethod:
 
     name: str
     probe_range: ProbeRange | None  # (probe activation, bits, config) -> (lo, hi, signed)
-    bn_k: BnK | None = None  # k(bits) when ranged from BatchNorm statistics
+    bn_k: BnK | None = None  # k(bits) when ranged from BatchNorm statistics: [mean - k std, mean + k std]
+    bn_range: BnRange | None = None  # or any other range from BatchNorm statistics
     calibrated: bool = False  # needs calibration batches (data-driven)
     bn_first: bool = False  # ranges from BatchNorm by default (the probe only as fallback)
 
     def uses_bn(self, config: QuantConfig) -> bool:
-        return self.bn_k is not None and (self.bn_first or config.aciq_stats == "bn")
+        return (self.bn_k is not None or self.bn_range is not None) and (self.bn_first or config.aciq_stats == "bn")
+
+    def range_from_bn(self, stats: ChannelStats, bits: int, config: QuantConfig,
+                      layer: nn.Module) -> tuple[float, float, bool]:
+        if self.bn_range is not None:
+            return self.bn_range(stats, bits, config, layer)
+        return stats_range(stats, self.bn_k(bits, config))
 
 
 def _sigma(x: Tensor, bits: int, config: QuantConfig) -> tuple[float, float, bool]:
