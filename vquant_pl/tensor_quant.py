@@ -1,89 +1,246 @@
-"""NVIDIA pytorch-quantization style scale-only symmetric quantization.
+"""NVIDIA pytorch-quantization (2.2.1) style scale-only symmetric quantization.
 
 `scale = max_bound / amax` with `max_bound = 2^(b-1) - 1` (signed) or `2^b - 1`
 (unsigned); codes `clamp(round(x * scale), min_bound, max_bound)`, `min_bound = -max_bound`
 with `narrow_range`, else `-max_bound - 1` (0 when unsigned). `fake_tensor_quant` returns
-`codes / scale` with a straight-through gradient that is zero where `|x| > amax`.
-`amax` is a scalar or a tensor broadcastable to `x` (per-channel).
+`codes / scale`. Both pass the gradient straight through where `|x| <= amax` and give zero
+elsewhere. `amax` is a scalar or a tensor broadcastable to `x` (per channel); an amax at or
+below 2^-24 quantizes its values to 0 (with scale 1). fp16 inputs are computed in fp32 and
+returned in fp16, other dtypes follow torch's type promotion of `x * scale`, as NVIDIA's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import numbers
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 CALIB_METHODS = ("max", "histogram", "percentile", "mse", "entropy")
+#: Methods of the histogram calibrator; as a descriptor's calib_method (our extension) they
+#: make a histogram calibrator whose `load_calib_amax()` uses that method by default.
+HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
+_ZERO_AMAX = 1.0 / (1 << 24)  # NVIDIA: amax at or below the smallest fp16 subnormal is treated as 0
+_FP16_MAX = 65504
 
 
-@dataclass
+class NegativeInputError(TypeError, ValueError):
+    """Unsigned quantization of a tensor holding negative values (a TypeError, as NVIDIA's,
+    and a ValueError, as ours was)."""
+
+
+def check_num_bits(num_bits: Any) -> int:
+    """Validate a bit width: a positive integer.
+
+    Raises:
+        TypeError: not an integer (NVIDIA's FP8 `(4, 3)` is not offered).
+        ValueError: below 1 (NVIDIA's `num_bits=0` debugging mode is not offered).
+    """
+    if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
+        fp8 = " (FP8 E4M3 needs NVIDIA's CUDA extension and is not offered)" if num_bits == (4, 3) else ""
+        raise TypeError(f"num_bits must be a positive integer, got {num_bits!r}{fp8}")
+    if num_bits < 1:
+        raise ValueError(f"num_bits must be a positive integer, got {num_bits}")
+    return int(num_bits)
+
+
 class QuantDescriptor:
-    """How a tensor is quantized: bits, per-channel `axis` (None: per tensor), a fixed
-    `amax` (None: calibrated, or per batch "in flight"), sign, narrow range, calibrator."""
+    """How a tensor is quantized, with NVIDIA's `QuantDescriptor` arguments (read-only
+    properties once built).
 
-    num_bits: int = 8
-    axis: int | tuple[int, ...] | None = None
-    amax: float | None = None
-    unsigned: bool = False
-    narrow_range: bool = False
-    calib_method: str = "max"
+    Args:
+        num_bits: bits per value, a positive integer.
+        name: an optional label.
+        fake_quant: quantize-dequantize (True) or return integer codes (False; the quant
+            layers accept only True, as NVIDIA's).
+        axis: None (per tensor) or the dims that keep their own amax (0: per output channel).
+        amax: a fixed range, a float or a list / ndarray of floats (stored as a float32
+            ndarray); None: calibrated, or per batch ("in flight").
+        learn_amax: learn the range (PACT-style clip parameters); needs axis None.
+        scale_amax: multiply the amax in use by this factor.
+        calib_method: "max" or "histogram" (NVIDIA's), or "percentile" / "mse" / "entropy"
+            (ours: a histogram calibrator with that default method).
+        unsigned: quantize to `0 .. 2^b - 1`.
+        narrow_range: signed codes `-(2^(b-1) - 1) .. 2^(b-1) - 1` instead of from `-2^(b-1)`.
 
-    def __post_init__(self):
-        if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int) or not 1 <= self.num_bits <= 16:
-            raise ValueError(f"num_bits must be an integer in 1..16, got {self.num_bits!r}")
-        if self.calib_method not in CALIB_METHODS:
-            raise ValueError(f"unknown calib_method {self.calib_method!r}; expected one of {', '.join(CALIB_METHODS)}")
-        if self.amax is not None and not float(self.amax) > 0:
-            raise ValueError(f"amax must be positive, got {self.amax!r}")
+    Raises:
+        TypeError: a wrong type (an int or tensor amax, a non-str name, learn_amax with an axis).
+        ValueError: num_bits below 1, a negative or non-finite amax, an unknown calib_method.
+
+    Example:
+        >>> QuantDescriptor(num_bits=4, amax=[1.0, 2.0]).amax
+        array([1., 2.], dtype=float32)
+    """
+
+    def __init__(self, num_bits: int = 8, name: str | None = None, *, fake_quant: bool = True,
+                 axis: int | tuple[int, ...] | None = None, amax: float | list | np.ndarray | None = None,
+                 learn_amax: bool = False, scale_amax: float | None = None, calib_method: str = "max",
+                 unsigned: bool = False, narrow_range: bool = False):
+        self._num_bits = check_num_bits(num_bits)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string or None, got {type(name).__name__}")
+        if axis is not None and not isinstance(axis, (int, tuple, list)):
+            raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
+        if learn_amax and axis is not None:
+            raise TypeError(f"learn_amax needs a per-tensor amax: axis must be None, got {axis!r}")
+        if amax is not None:
+            if isinstance(amax, bool) or not isinstance(amax, (float, list, np.ndarray)):
+                raise TypeError(f"amax must be a float, a list or an ndarray of floats, got {type(amax).__name__}"
+                                f" {amax!r}" + (" (write 1.0, not 1)" if isinstance(amax, int) else ""))
+            amax = np.array(amax, dtype=np.float32)
+            if not np.isfinite(amax).all() or (amax < 0).any():
+                raise ValueError(f"amax must be finite and >= 0, got {amax.tolist()!r}")
+        if scale_amax is not None and (isinstance(scale_amax, bool) or not isinstance(scale_amax, numbers.Real)):
+            raise TypeError(f"scale_amax must be a number or None, got {scale_amax!r}")
+        if calib_method not in CALIB_METHODS:
+            raise ValueError(f"unknown calib_method {calib_method!r}; expected one of {', '.join(CALIB_METHODS)}")
+        self._name, self._fake_quant, self._axis, self._amax = name, bool(fake_quant), axis, amax
+        self._learn_amax, self._scale_amax, self._calib_method = bool(learn_amax), scale_amax, calib_method
+        self._unsigned, self._narrow_range = bool(unsigned), bool(narrow_range)
+
+    num_bits = property(lambda self: self._num_bits)
+    name = property(lambda self: self._name)
+    fake_quant = property(lambda self: self._fake_quant)
+    axis = property(lambda self: self._axis)
+    amax = property(lambda self: self._amax)
+    learn_amax = property(lambda self: self._learn_amax)
+    scale_amax = property(lambda self: self._scale_amax)
+    calib_method = property(lambda self: self._calib_method)
+    unsigned = property(lambda self: self._unsigned)
+    narrow_range = property(lambda self: self._narrow_range)
+
+    def dict(self) -> dict:
+        """The arguments that differ from the defaults (num_bits and name always), as NVIDIA's."""
+        out: dict = {"num_bits": self._num_bits, "name": self._name}
+        defaults = {"fake_quant": True, "axis": None, "amax": None, "scale_amax": None, "learn_amax": False,
+                    "calib_method": "max", "unsigned": False, "narrow_range": False}
+        for key, default in defaults.items():
+            value = getattr(self, key)
+            if value is not None and not (default is not None and value == default):
+                out[key] = value.tolist() if isinstance(value, np.ndarray) else value
+        return out
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, QuantDescriptor) and self.dict() == other.dict()
+
+    def __deepcopy__(self, memo):
+        return QuantDescriptor(**copy.deepcopy(self.dict(), memo))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.dict().items() if not (k == "name" and v is None))
+        return f"QuantDescriptor({args})"
 
 
-def _bounds(num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[int, int]:
-    max_bound = 2 ** (num_bits - (0 if unsigned else 1)) - 1
+# NVIDIA's predefined descriptors
+QUANT_DESC_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8)
+QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8, unsigned=True)
+QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=(0))
+QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=(0))
+QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=(0))
+QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW = QuantDescriptor(num_bits=8, axis=(0))
+
+
+def _quantize(inputs: Tensor, amax: Tensor, num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[Tensor, Tensor]:
+    """Codes and scale, step by step as NVIDIA's shared body (so dtypes promote the same way)."""
+    if unsigned and inputs.min() < 0:
+        raise NegativeInputError("unsigned quantization of a tensor holding negative values")
+    input_dtype = inputs.dtype
+    if inputs.dtype == torch.half:  # computed in fp32 to avoid overflow
+        inputs = inputs.float()
+    if amax.dtype == torch.half:
+        amax = amax.float()
+    min_amax = amax.min()
+    if min_amax < 0:
+        raise ValueError(f"amax must be >= 0, got a minimum of {min_amax.item()}")
+    if not torch.isfinite(amax).all():
+        raise ValueError("amax must be finite (a NaN or infinite amax is refused, NVIDIA would return NaN)")
+    max_bound = torch.tensor(2.0 ** (num_bits - 1 + int(unsigned)) - 1.0, device=amax.device)
     min_bound = 0 if unsigned else (-max_bound if narrow_range else -max_bound - 1)
-    return min_bound, max_bound
+    scale = max_bound / amax
+    zero_amax = amax <= _ZERO_AMAX if min_amax <= _ZERO_AMAX else None
+    if zero_amax is not None:
+        scale[zero_amax] = 0  # the values of a zero range quantize to 0 ...
+    codes = torch.clamp((inputs * scale).round_(), min_bound, max_bound)
+    if zero_amax is not None:
+        scale[zero_amax] = 1.0  # ... and dequantize with scale 1
+    if input_dtype == torch.half:
+        codes = codes.half()
+    return codes, scale
 
 
-def _scale(amax: Tensor | float, max_bound: int, like: Tensor) -> Tensor:
-    amax = torch.as_tensor(amax, dtype=torch.float32, device=like.device)
-    if (amax <= 0).any() or not torch.isfinite(amax).all():
-        raise ValueError("amax must be positive and finite")
-    return torch.full_like(amax, float(max_bound)) / amax
+def _straight_through(inputs: Tensor, amax: Tensor, grad: Tensor) -> Tensor:
+    return torch.where(inputs.abs() <= amax, grad, grad.new_zeros(1))
 
 
-def tensor_quant(x: Tensor, amax: Tensor | float, num_bits: int = 8, unsigned: bool = False,
-                 narrow_range: bool = True) -> tuple[Tensor, Tensor]:
-    """Integer codes (as floats) of `x` and the scale they were made with."""
-    min_bound, max_bound = _bounds(num_bits, unsigned, narrow_range)
-    if unsigned and (x < 0).any():
-        raise ValueError("unsigned quantization of a tensor holding negative values")
-    scale = _scale(amax, max_bound, x)
-    return torch.clamp(torch.round(x.float() * scale), min_bound, max_bound), scale
+class TensorQuantFunction(torch.autograd.Function):
+    """`(codes, scale)` of `inputs`; straight-through gradient inside `[-amax, amax]`."""
 
-
-class _FakeTensorQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, amax, num_bits, unsigned, narrow_range):
-        amax_t = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-        ctx.save_for_backward(x, amax_t)
-        codes, scale = tensor_quant(x, amax_t, num_bits, unsigned, narrow_range)
-        return (codes / scale).to(x.dtype)
+    def forward(ctx, inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
+        ctx.save_for_backward(inputs, amax)
+        codes, scale = _quantize(inputs, amax, num_bits, unsigned, narrow_range)
+        if codes.dtype == torch.half and scale.max() > _FP16_MAX:
+            raise ValueError(f"scale is too large for FP16 with amax={amax}")
+        return codes, scale.to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_codes, grad_scale):
+        inputs, amax = ctx.saved_tensors
+        return _straight_through(inputs, amax, grad_codes), None, None, None, None
+
+
+class FakeTensorQuantFunction(torch.autograd.Function):
+    """`codes / scale` of `inputs`; straight-through gradient inside `[-amax, amax]`."""
+
+    @staticmethod
+    def forward(ctx, inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
+        ctx.save_for_backward(inputs, amax)
+        codes, scale = _quantize(inputs, amax, num_bits, unsigned, narrow_range)
+        return codes / scale.to(inputs.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, amax = ctx.saved_tensors
-        return torch.where(x.abs() <= amax, grad, torch.zeros_like(grad)), None, None, None, None
+        inputs, amax = ctx.saved_tensors
+        return _straight_through(inputs, amax, grad), None, None, None, None
 
 
-def fake_tensor_quant(x: Tensor, amax: Tensor | float, num_bits: int = 8, unsigned: bool = False,
+def _as_amax(amax, like: Tensor) -> Tensor:
+    if isinstance(amax, Tensor):
+        return amax
+    return torch.as_tensor(np.asarray(amax, dtype=np.float32), device=like.device)
+
+
+def tensor_quant(inputs: Tensor, amax: Tensor | float, num_bits: int = 8, unsigned: bool = False,
+                 narrow_range: bool = True) -> tuple[Tensor, Tensor]:
+    """Integer codes (as floats, fp16 for fp16 inputs) of `inputs` and the scale they were made with.
+
+    Args:
+        inputs: the tensor.
+        amax: the range, a number or a tensor broadcastable to `inputs` (values at or below
+            2^-24 quantize to 0 with scale 1).
+        num_bits, unsigned, narrow_range: see `QuantDescriptor` (narrow range by default here).
+
+    Raises:
+        ValueError: a negative or non-finite amax; an fp16 input whose scale exceeds 65504.
+        NegativeInputError: unsigned with negative inputs.
+
+    Example:
+        >>> tensor_quant(torch.tensor([0.5, -1.0]), 1.0)
+        (tensor([  64., -127.]), tensor(127.))
+    """
+    check_num_bits(num_bits)
+    return TensorQuantFunction.apply(inputs, _as_amax(amax, inputs), num_bits, unsigned, narrow_range)
+
+
+def fake_tensor_quant(inputs: Tensor, amax: Tensor | float, num_bits: int = 8, unsigned: bool = False,
                       narrow_range: bool = True) -> Tensor:
-    """Quantize-dequantize `x` (straight-through gradient inside `[-amax, amax]`)."""
-    return _FakeTensorQuant.apply(x, amax, num_bits, unsigned, narrow_range)
+    """Quantize-dequantize `inputs` (arguments and errors as `tensor_quant`).
 
-
-def reduce_amax(x: Tensor, axis: int | tuple[int, ...] | None = None) -> Tensor:
-    """`max |x|`, over everything (axis None) or keeping the dims in `axis` (per channel)."""
-    if axis is None:
-        return x.detach().abs().amax()
-    keep = {a % x.dim() for a in ((axis,) if isinstance(axis, int) else axis)}
-    dims = tuple(d for d in range(x.dim()) if d not in keep)
-    return x.detach().abs().amax(dim=dims, keepdim=True)
+    Example:
+        >>> fake_tensor_quant(torch.tensor([0.5, -1.0]), 1.0)
+        tensor([ 0.5039, -1.0000])
+    """
+    check_num_bits(num_bits)
+    return FakeTensorQuantFunction.apply(inputs, _as_amax(amax, inputs), num_bits, unsigned, narrow_range)
