@@ -1,7 +1,6 @@
 """Data-driven activation ranges through quantize_model, for comparison (vquant_pl.calib)."""
 import pytest
 import torch
-from torch import nn
 
 import vquant_pl as vq
 

@@ -1,5 +1,4 @@
 """VQuantCallback: checkpoint semantics, keep_quantized, fit, precision plugins."""
-import warnings
 
 import pytest
 import pytorch_lightning as pl

@@ -1,7 +1,6 @@
 """Per-channel activation ranges and bits from BatchNorm (vquant_pl.channel_ranges)."""
 import pytest
 import torch
-from torch import nn
 
 import vquant_pl as vq
 
