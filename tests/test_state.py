@@ -1,5 +1,6 @@
 """Quantization state lives on the layers: tied weights, deep copies, pickles, dtypes, NaN errors."""
 import copy
+import warnings
 import io
 
 import pytest
@@ -193,3 +194,15 @@ def test_a_failed_run_restores_everything():
         vq.quantize_model(model, 4, 4, probe=PROBE)
     assert _same(model, snapshot) and not vq.is_quantized(model)
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_weights_saved_while_quantized_are_reported_when_quantized_again():
+    model = nn.Sequential(nn.Linear(600, 4))
+    vq.quantize_model(model, 4, None)
+    fresh = nn.Sequential(nn.Linear(600, 4))
+    fresh.load_state_dict(model.state_dict())  # a state_dict taken while quantized
+    with pytest.warns(UserWarning, match="layer '0' hold at most 16 distinct values per output channel"):
+        vq.quantize_model(fresh, 4, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vq.quantize_model(nn.Sequential(nn.Linear(600, 4)), 4, None)  # float weights: no warning

@@ -8,6 +8,7 @@ restorable. The rules are DESIGN.md's (docs/quantization-rules.md in this reposi
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -96,6 +97,19 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def _looks_quantized(layers: list[tuple[str, nn.Module]]) -> tuple[str, int] | None:
+    """(name, distinct values) when the largest layer whose channels are long enough to
+    tell holds at most 256 distinct values in every output channel: weights that were
+    already quantized (a state_dict saved while quantized, loaded into a fresh model)."""
+    for name, layer in sorted(layers, key=lambda nl: -nl[1].weight.numel()):
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        if w.shape[1] <= 2 * 2 ** 8:
+            continue
+        distinct = int(((w.sort(1).values.diff(dim=1) != 0).sum(1) + 1).max())
+        return (name, distinct) if distinct <= 2 ** 8 else None
+    return None
+
+
 def _layer_act_bits(config: QuantConfig, count: int) -> list[Optional[int]]:
     """Rule 4: the first layer's input stays float, the last one's uses 8 bits."""
     if not config.quantizes_activations:
@@ -123,6 +137,11 @@ def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
 
 def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, calibration) -> _Plan:
     layers = _check_model(model)
+    quantized = _looks_quantized(layers)
+    if quantized is not None:
+        warnings.warn(f"the weights of layer {quantized[0]!r} hold at most {quantized[1]} distinct values per output "
+                      "channel: the model looks quantized already (a state_dict saved while quantized?); they are "
+                      "quantized again", stacklevel=3)
     device = layers[0][1].weight.device
     backend, _ = backends.resolve(config.backend, device)
     plan = _Plan(config, METHODS[config.act_range], layers, _layer_act_bits(config, len(layers)), backend=backend)
