@@ -6,17 +6,18 @@ import os
 import time
 from typing import Any, Literal, Optional, Sequence, Union
 
-from vquant_pl import _lightning as pl  # either Lightning namespace (lightning.pytorch, pytorch_lightning)
 import torch
-from vquant_pl._lightning import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+
+from vquant_pl import _lightning as pl  # either Lightning namespace (lightning.pytorch, pytorch_lightning)
+from vquant_pl._lightning import rank_zero_info, rank_zero_warn
 
 from vquant_pl.config import AciqStats, ActRange, Backend, QuantConfig, Rounding
 from vquant_pl.probe import Probe
 from vquant_pl.quantize import (activation_ranges, is_quantized, quantizable_layers, quantization_report,
                                 quantize_model, restore_model, set_activation_ranges)
 from vquant_pl.report import QuantReport
-from vquant_pl.state import ORIGINALS, iter_states
+from vquant_pl.state import ORIGINALS
 
 Stage = Literal["test", "validate", "predict"]
 STAGES = ("test", "validate", "predict")

@@ -2,21 +2,21 @@
 from __future__ import annotations
 
 import csv
+import functools
+import importlib
 import logging
 import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from vquant_pl.models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from vquant_pl._lightning import LightningDataModule
+from vquant_pl.models import CropMode, Interpolation, Preprocessing, preprocessing_for
 
 log = logging.getLogger("vquant_pl")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SYNSET = re.compile(r"^n\d{8}$")
 SYNSET_PREFIX = re.compile(r"^(n\d{8})_")
 
@@ -46,8 +46,34 @@ def embedded_samples() -> list[tuple[Path, int]]:
     return [(Path(str(root / name)), UNLABELED) for name in EMBEDDED_PHOTOS]
 
 
+@functools.lru_cache(maxsize=1)
+def image_suffixes() -> frozenset[str]:
+    """Every file suffix (lower case, with the dot) of an image format PIL can open here:
+    .jpeg/.jpg/.png, .webp, .bmp, .tif, .gif, .ppm and the rest of PIL's registry."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    suffixes = image_suffixes()
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_text(path: Path, what: str) -> str:
+    """UTF-8 text of `path`; an error names the file and the line of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                         "save it as UTF-8") from None
 
 
 def _label(token: str, where: str, classes: dict[str, int]) -> int:
@@ -73,9 +99,15 @@ def read_labels_file(path: Path, files: list[Path], classes: dict[str, int],
     """
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} not found")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    numbered = [(i + 1, ln.strip()) for i, ln in enumerate(_read_text(path, "labels file").splitlines())]
+    numbered = [(n, ln) for n, ln in numbered if ln]
+    lines = [ln for _, ln in numbered]
     if path.suffix.lower() == ".csv":
-        pairs = [(r[0], r[1].split()[0]) for r in csv.reader(lines) if len(r) >= 2 and r[1].split()]
+        pairs = []
+        for (n, ln), row in zip(numbered, csv.reader(lines)):
+            if len(row) < 2 or not row[1].split():
+                raise ValueError(f"labels file {path}, line {n}: expected 'filename,label', got {ln[:60]!r}")
+            pairs.append((row[0].strip(), row[1].split()[0]))
         if pairs and not (SYNSET.match(pairs[0][1]) or pairs[0][1].isdigit()):
             pairs = pairs[1:]  # a header row
     elif all(ln.isdigit() for ln in lines):
@@ -94,7 +126,13 @@ def read_labels_file(path: Path, files: list[Path], classes: dict[str, int],
             out.append(_label(order[int(ln) - 1], f"{synsets_file}", classes))
         return out
     else:
-        pairs = [tuple(ln.split()[:2]) for ln in lines]
+        pairs = []
+        for n, ln in numbered:
+            tokens = ln.split()
+            if len(tokens) < 2:
+                raise ValueError(f"labels file {path}, line {n}: expected 'filename label', got one column "
+                                 f"{ln[:60]!r}")
+            pairs.append((tokens[0], tokens[1]))
     by_name: dict[str, str] = {}
     for name, token in pairs:
         by_name[name] = token
@@ -115,8 +153,14 @@ def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | Non
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageNet folder {folder} not found")
     classes = {s: i for i, s in enumerate(imagenet_synsets())}
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
-    if subdirs and not _images(folder):
+    subdirs = _subdirs(folder)
+    loose = _images(folder)
+    if subdirs and loose:
+        raise ValueError(
+            f"{folder} mixes two layouts: {len(subdirs)} class folder(s) ({subdirs[0].name}/"
+            f"{' ...' if len(subdirs) > 1 else ''}) and {len(loose)} loose image(s) ({loose[0].name}"
+            f"{' ...' if len(loose) > 1 else ''}); keep either <synset>/ folders or a flat folder of images")
+    if subdirs:
         unknown = [d.name for d in subdirs if d.name not in classes]
         if unknown:
             raise ValueError(f"{folder} has {len(unknown)} folder(s) that are not ImageNet-1k synsets: "
@@ -134,7 +178,7 @@ def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | Non
         else:
             samples = []
     if not samples:
-        raise ValueError(f"no images (.JPEG/.jpg/.png) found in {folder}")
+        raise ValueError(f"no images (.JPEG, .jpg, .png, .webp, .bmp or another format PIL opens) found in {folder}")
     return samples
 
 
@@ -165,7 +209,8 @@ class ImageFiles(Dataset):
 
 
 def collate_skipping(batch):
-    """Collate, dropping skipped (None) samples; returns (images, labels, number skipped)."""
+    """Collate, dropping skipped (None) samples; returns (images, labels, number skipped).
+    `SkipCountingLoader` turns this into `(images, labels)` batches and a count."""
     kept = [b for b in batch if b is not None]
     skipped = len(batch) - len(kept)
     if not kept:
@@ -174,41 +219,128 @@ def collate_skipping(batch):
     return images, labels, skipped
 
 
-class ImageNetDataModule(pl.LightningDataModule):
-    """ImageNet-1k validation data for `trainer.test` / `trainer.validate` (no training split).
+class SkipCount:
+    """How many unreadable images the current pass over the data skipped (and saw)."""
 
-    `root` holds `val/` (or is the image folder itself); None means the 12 photographs
-    bundled in scikit-image, unlabeled until `set_labels` (e.g. with the float model's
-    predictions, to score agreement). Layouts:
-    `val/<synset>/*.JPEG`; flat `val/*.JPEG` with `labels_file` (see `read_labels_file`);
-    flat files named `<synset>_*.JPEG`. Labels are class indices in the ImageNet-1k order,
-    so a folder with only some synsets still gets the right ones. Under DDP every sample
-    is evaluated by exactly one rank (no padding duplicates). `limit` keeps the first N
-    samples. Preprocessing comes from the arguments or `preprocessing` (a model's).
+    def __init__(self):
+        self.skipped = 0
+        self.seen = 0
+
+
+class SkipCountingLoader(DataLoader):
+    """A DataLoader over `ImageFiles` with `collate_skipping` that yields ordinary
+    `(images, labels)` batches and adds the skipped files to `counter` (reset at the start
+    of every pass); a batch whose images were all skipped is not yielded."""
+
+    def __init__(self, *args, counter: SkipCount | None = None, **kwargs):
+        kwargs.setdefault("collate_fn", collate_skipping)
+        super().__init__(*args, **kwargs)
+        self.counter = counter if counter is not None else SkipCount()
+
+    @property
+    def skipped(self) -> int:
+        return self.counter.skipped
+
+    def __iter__(self):
+        self.counter.skipped = self.counter.seen = 0
+        for images, labels, skipped in super().__iter__():
+            self.counter.skipped += int(skipped)
+            self.counter.seen += len(labels) + int(skipped)
+            if len(labels):
+                yield images, labels
+        if self.counter.skipped:
+            log.warning("vquant_pl: skipped %d unreadable image(s) of %d", self.counter.skipped, self.counter.seen)
+
+
+class ImageNetDataModule(LightningDataModule):
+    """ImageNet-1k validation data for `trainer.test` / `trainer.validate` / `trainer.predict`
+    (no training split); batches are `(images, labels)`.
+
+    Layouts: `val/<synset>/*.JPEG`; a flat folder with `labels_file` (see
+    `read_labels_file`); flat files named `<synset>_*.JPEG`. A folder that mixes class
+    folders and loose images is an error naming both. Every image format PIL opens is listed
+    (.JPEG, .png, .webp, .bmp, ...). Labels are class indices in the ImageNet-1k order, so a
+    folder with only some synsets still gets the right ones. Under DDP every sample is
+    evaluated by exactly one rank (no padding duplicates).
+
+    Preprocessing: `preprocessing` (a `Preprocessing` or its dict) if given, else the
+    model's own config when the Trainer's module has one (a vquant `create_model`
+    preprocessing, timm's `resolve_data_config` with its test size and crop mode, pytorchcv's
+    `in_size`), else 224 px, bilinear, crop 0.875, ImageNet mean/std; each of `image_size`,
+    `crop_pct`, `resize`, `interpolation`, `crop_mode`, `mean`, `std` that is set overrides it.
+
+    Args:
+        root: the ImageNet folder holding `val/` (or the image folder itself); None means the
+            12 photographs bundled with scikit-image, unlabeled (label -1) until `set_labels`.
+        image_size: square input size of the model (overrides the model's).
+        crop_pct: fraction of the resized image kept by the crop.
+        resize: size of the short side before the center crop (overrides `crop_pct`).
+        interpolation: resampling filter of the resize.
+        crop_mode: `center`, `squash` or `border` (timm's crop modes).
+        mean: per-channel normalization mean.
+        std: per-channel normalization standard deviation.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory (on CUDA machines only).
+        persistent_workers: keep workers alive between passes.
+        limit: evaluate only the first N samples.
+        labels_file: labels of a flat folder (official ground truth, CSV, or `file label` lines).
+        synsets_file: the devkit's synset list in ILSVRC2012 ID order (for the official ground truth).
+        skip_corrupt: skip images that cannot be decoded and count them (`skipped`) instead of failing.
+        preprocessing: a model's preprocessing (from `create_model`), used as the base.
+
+    Example:
+        >>> dm = ImageNetDataModule(root=None, batch_size=4, num_workers=0)
+        >>> images, labels = next(iter(dm.test_dataloader()))
+        >>> tuple(images.shape), labels.tolist()
+        ((4, 3, 224, 224), [-1, -1, -1, -1])
     """
 
-    def __init__(self, root: str | Path | None = None, image_size: int = 224, crop_pct: float = 0.875,
-                 resize: int | None = None, interpolation: str = "bilinear",
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 batch_size: int = 64, num_workers: int = 4, pin_memory: bool = True,
-                 persistent_workers: bool = False, limit: int | None = None,
+    def __init__(self, root: str | Path | None = None, image_size: int | None = None, crop_pct: float | None = None,
+                 resize: int | None = None, interpolation: Interpolation | None = None,
+                 crop_mode: CropMode | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, batch_size: int = 64, num_workers: int = 4,
+                 pin_memory: bool = True, persistent_workers: bool = False, limit: int | None = None,
                  labels_file: str | Path | None = None, synsets_file: str | Path | None = None,
                  skip_corrupt: bool = False, preprocessing: Preprocessing | dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["preprocessing"])
         if isinstance(preprocessing, dict):
             preprocessing = Preprocessing(**preprocessing)
-        self.preprocessing = preprocessing or Preprocessing(
-            input_size=(image_size, image_size), crop_pct=crop_pct, interpolation=interpolation,
-            mean=tuple(mean), std=tuple(std), resize=resize)
-        if preprocessing is not None and resize is not None:
-            self.preprocessing = replace(self.preprocessing, resize=resize)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
+        self._given = preprocessing
+        self._overrides = {k: v for k, v in dict(
+            input_size=None if image_size is None else (image_size, image_size), crop_pct=crop_pct,
+            resize=resize, interpolation=interpolation, crop_mode=crop_mode,
+            mean=None if mean is None else tuple(mean), std=None if std is None else tuple(std)).items()
+            if v is not None}
+        self.preprocessing  # checks the overrides now
         self.root = None if root is None else Path(root)
         self.dataset: ImageFiles | None = None
+        self.counter = SkipCount()
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The resolved preprocessing (given, else the Trainer's model's, else the defaults;
+        then the explicit arguments)."""
+        base = self._given
+        if base is None:
+            trainer = getattr(self, "trainer", None)
+            module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+            base = preprocessing_for(module) if module is not None else None
+        return replace(base or Preprocessing(), **self._overrides)
+
+    @preprocessing.setter
+    def preprocessing(self, value: Preprocessing | dict | None) -> None:
+        self._given = Preprocessing(**value) if isinstance(value, dict) else value
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images skipped in the latest pass over the data (on this process)."""
+        return self.counter.skipped
 
     @property
     def labeled(self) -> bool:
@@ -240,20 +372,22 @@ class ImageNetDataModule(pl.LightningDataModule):
             samples = scan(self.folder, hp.labels_file, hp.synsets_file)
         if hp.limit:
             samples = samples[: hp.limit]
-        self.dataset = ImageFiles(samples, self.preprocessing.transform(), hp.skip_corrupt)
+        self.dataset = ImageFiles(samples, None, hp.skip_corrupt)
 
     def _loader(self) -> DataLoader:
         self.setup()
+        self.dataset.transform = self.preprocessing.transform()
         hp = self.hparams
         sampler = None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(self.dataset, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
-        return DataLoader(self.dataset, batch_size=hp.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=hp.num_workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-                          collate_fn=collate_skipping)
+            distributed = importlib.import_module(f"{self.lightning_namespace}.overrides.distributed")
+            sampler = distributed.UnrepeatedDistributedSampler(self.dataset, num_replicas=trainer.world_size,
+                                                               rank=trainer.global_rank, shuffle=False)
+        return SkipCountingLoader(self.dataset, batch_size=hp.batch_size, sampler=sampler, shuffle=False,
+                                  num_workers=hp.num_workers, pin_memory=hp.pin_memory and torch.cuda.is_available(),
+                                  persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+                                  collate_fn=collate_skipping, counter=self.counter)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()

@@ -3,8 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vquant_pl.datamodules import ImageNetDataModule, imagenet_synsets
+from vquant_pl.datamodules import ImageNetDataModule, image_suffixes, imagenet_synsets
 from vquant_pl.datamodules.imagenet import ImageFiles, collate_skipping, scan
+from vquant_pl.models import Preprocessing
 
 SYN = imagenet_synsets()
 
@@ -26,8 +27,10 @@ def test_folder_layout_with_some_synsets_gets_true_indices(tmp_path):
     dm = ImageNetDataModule(tmp_path, image_size=32, batch_size=2, num_workers=0)
     dm.setup("test")
     assert [label for _, label in dm.dataset.samples] == [0, 1, 999]
-    images, labels, skipped = next(iter(dm.test_dataloader()))
-    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1] and skipped == 0
+    batch = next(iter(dm.test_dataloader()))
+    images, labels = batch  # an ordinary (images, labels) batch
+    assert len(batch) == 2 and images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1]
+    assert dm.skipped == 0
 
 
 def test_flat_layouts(tmp_path):
@@ -80,3 +83,68 @@ def test_corrupt_jpeg_is_named_or_skipped_and_counted(tmp_path):
     lenient = ImageFiles(samples, lambda im: torch.zeros(1), skip_corrupt=True)
     images, labels, skipped = collate_skipping([lenient[i] for i in range(len(lenient))])
     assert labels.tolist() == [0] and skipped == 1
+    dm = ImageNetDataModule(tmp_path, image_size=16, batch_size=1, num_workers=0, skip_corrupt=True)
+    batches = list(dm.test_dataloader())  # the bad image's batch is dropped, not reshaped
+    assert [len(b) for b in batches] == [2] and batches[0][1].tolist() == [0] and dm.skipped == 1
+    list(dm.test_dataloader())
+    assert dm.skipped == 1  # counted per pass, not accumulated
+
+
+def test_mixed_layout_is_an_error_naming_both(tmp_path):
+    _jpeg(tmp_path / "val" / SYN[0] / "a.JPEG")
+    _jpeg(tmp_path / "val" / f"{SYN[1]}_x.JPEG")
+    with pytest.raises(ValueError, match=rf"val mixes two layouts: 1 class folder\(s\) \({SYN[0]}/\) and "
+                                         rf"1 loose image\(s\) \({SYN[1]}_x.JPEG\)"):
+        ImageNetDataModule(tmp_path).setup()
+
+
+def test_every_format_pil_opens_is_listed(tmp_path):
+    assert {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".tif", ".gif"} <= image_suffixes()
+    image = Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    for i, (suffix, fmt) in enumerate([(".webp", "WEBP"), (".bmp", "BMP"), (".JPEG", "JPEG")]):
+        image.save(tmp_path / f"{SYN[i]}_img{suffix}", fmt)
+    assert [label for _, label in scan(tmp_path)] == [0, 1, 2]
+
+
+def test_labels_file_errors_name_file_and_line(tmp_path):
+    files = [_jpeg(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", i) for i in range(1, 4)]
+    one_column = tmp_path / "labels.txt"
+    one_column.write_text(f"{files[0].name} {SYN[0]}\n{files[1].name}\n{files[2].name} {SYN[2]}\n")
+    with pytest.raises(ValueError, match=r"labels file .*labels.txt, line 2: expected 'filename label', got one "
+                                         r"column 'ILSVRC2012_val_00000002.JPEG'"):
+        scan(tmp_path / "val", one_column)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(f"{files[0].name} {SYN[0]}\n{files[1].name} {SYN[1]}\n".encode() + b"caf\xe9.JPEG 3\n")
+    with pytest.raises(ValueError, match=r"labels file .*latin1.txt, line 3: not UTF-8 text \(byte 0xe9\)"):
+        scan(tmp_path / "val", latin1)
+    short_csv = tmp_path / "labels.csv"
+    short_csv.write_text(f"{files[0].stem},{SYN[0]}\n{files[1].stem}\n")
+    with pytest.raises(ValueError, match=r"labels file .*labels.csv, line 2: expected 'filename,label'"):
+        scan(tmp_path / "val", short_csv)
+
+
+def test_preprocessing_from_the_model_config(tmp_path):
+    timm = pytest.importorskip("timm")
+    pl = pytest.importorskip("pytorch_lightning")
+    import vquant_pl as vq
+
+    _jpeg(tmp_path / "val" / SYN[0] / "a.JPEG")
+    net = timm.create_model("convnext_atto.d2_in1k", pretrained=False, num_classes=1000)
+    cfg = net.pretrained_cfg
+    dm = ImageNetDataModule(tmp_path, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    dm.trainer = trainer
+    trainer.strategy._lightning_module = vq.ImageClassifier(net)
+    prep = dm.preprocessing  # timm's resolve_data_config at the test size
+    assert prep.input_size == tuple(cfg["test_input_size"][1:]) == (288, 288)
+    assert (prep.crop_pct, prep.interpolation, prep.crop_mode) == (cfg["test_crop_pct"], "bicubic", "center")
+    assert ImageNetDataModule(tmp_path, image_size=96, preprocessing=prep).preprocessing.input_size == (96, 96)
+    squash = Preprocessing(input_size=(64, 64), crop_pct=1.0, interpolation="bicubic", crop_mode="squash")
+    out = squash.transform()(Image.new("RGB", (200, 50)))  # no crop of the long side: the whole image, squashed
+    assert out.shape == (3, 64, 64)
+    resize = [t for t in squash.transform().transforms if type(t).__name__ == "Resize"][0]
+    assert resize.size == (64, 64)
+    from vquant_pl.models import preprocessing_for
+    from pytorchcv.model_provider import get_model
+
+    assert preprocessing_for(get_model("inceptionv3", pretrained=False)).input_size == (299, 299)

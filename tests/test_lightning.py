@@ -91,9 +91,13 @@ def test_callback_in_user_module_with_target_twice_and_checkpoint(tmp_path):
     state = torch.load(tmp_path / "c.ckpt", weights_only=False)["callbacks"]
     saved = next(v for k, v in state.items() if k.startswith("VQuantCallback"))
     assert saved["weight_bits"] == 4 and saved["target"] == "net" and saved["probe_seed"] == 7
-    restored = vq.VQuantCallback()
+    restored = vq.VQuantCallback(4, 4, target="net", probe_shape=(4, 3, 12, 12), probe_seed=7, verbose=False)
     restored.load_state_dict(saved)
     assert restored.state_dict() == saved
+    other = vq.VQuantCallback(verbose=False)  # the settings passed to the callback win, with a warning
+    with pytest.warns(UserWarning, match="saved with other quantization settings"):
+        other.load_state_dict(saved)
+    assert other.target is None and other.state_dict()["probe_seed"] == 0
 
 
 def test_keep_quantized_and_no_double_quantization():
@@ -113,9 +117,9 @@ def test_callback_bad_input():
         vq.VQuantCallback(weight_bits=12)
     with pytest.raises(ValueError, match="act_bits must be an integer in 2..8, got 1"):
         vq.VQuantCallback(act_bits=1)
-    with pytest.raises(ValueError, match="aciq_stats must be 'probe' or 'bn', got 'data'"):
+    with pytest.raises(ValueError, match="unknown aciq_stats 'data'; expected one of probe, bn"):
         vq.VQuantCallback(act_range="aciq-gauss", aciq_stats="data")
-    with pytest.raises(ValueError, match="bn_k must be a positive number, got -1"):
+    with pytest.raises(ValueError, match="bn_k must be a positive finite number, got -1"):
         vq.VQuantCallback(act_range="bn", bn_k=-1)
     with pytest.raises(ValueError, match="unknown stage"):
         vq.VQuantCallback(stages=["train"])

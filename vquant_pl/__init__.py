@@ -1,6 +1,8 @@
 """vquant-pl: training-free, data-free quantization and evaluation of image classifiers."""
 from .affine import fake_quant_activation
+from .config import QuantConfig
 from .probe import Probe
+from .state import save_original
 from .quantize import (QUANTIZABLE, activation_ranges, is_quantized, quantizable_layers, quantization_report,
                        quantize_model, restore_model, set_activation_ranges)
 from .ranges import default_sigma, sigma_range
@@ -8,7 +10,6 @@ from .report import LayerReport, QuantReport
 from .weights import quantize_weight
 
 from .aciq import aciq_range, allocate_bits, bias_correct
-from .classifier import ImageClassifier
 from .quant_modules import (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, TensorQuantizer, calibrate,
                             quantized_layers)
 from .tensor_quant import QuantDescriptor, fake_tensor_quant, tensor_quant
@@ -17,18 +18,27 @@ from .models import Preprocessing, create_model
 __version__ = "0.1.0"
 
 
+_LAZY = {  # the Lightning-dependent names load on first use: `import vquant_pl` stays fast
+    "ImageClassifier": "vquant_pl.classifier", "VQuantCallback": "vquant_pl.callbacks",
+    "ImageNetDataModule": "vquant_pl.datamodules",
+}
+
+
 def __getattr__(name: str):
-    # vquant_pl.callbacks / vquant_pl.datamodules import vquant_pl: resolve them lazily
-    if name == "VQuantCallback":
-        from .callbacks import VQuantCallback
-        return VQuantCallback
-    if name == "ImageNetDataModule":
-        from .datamodules import ImageNetDataModule
-        return ImageNetDataModule
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'vquant_pl' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
-    "QUANTIZABLE", "ImageClassifier", "ImageNetDataModule", "LayerReport", "Preprocessing", "Probe",
+    "QUANTIZABLE", "QuantConfig", "save_original", "ImageClassifier", "ImageNetDataModule", "LayerReport", "Preprocessing", "Probe",
     "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantDescriptor", "QuantLinear", "QuantReport",
     "TensorQuantizer", "VQuantCallback", "aciq_range", "activation_ranges", "allocate_bits", "bias_correct",
     "calibrate", "create_model", "default_sigma", "fake_quant_activation", "fake_tensor_quant",

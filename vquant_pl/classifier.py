@@ -1,11 +1,14 @@
 """`ImageClassifier`: a thin LightningModule that evaluates a plain `nn.Module` classifier."""
 from __future__ import annotations
 
-import pytorch_lightning as pl
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from ._lightning import LightningModule
 
 
 UNLABELED = -1  # the label of an image without one (not counted in the accuracies)
@@ -21,22 +24,44 @@ def _metrics(num_classes: int) -> MetricCollection:
     })
 
 
-class ImageClassifier(pl.LightningModule):
-    """Evaluate `model` (a module, or a `create_model` spec such as "pytorchcv:resnet18",
-    whose preprocessing is then in `.preprocessing`) with exact top-1/top-5 (torchmetrics, micro), the mean loss, the
-    number of samples and of skipped unreadable images, per epoch, gathered across devices
-    by torchmetrics: `test/top1`, `test/top5`, `test/loss`, `test/samples`, `test/skipped` (and
-    `val/...`). Accuracies are fractions in [0, 1]. `predict_step` returns logits."""
+class ImageClassifier(LightningModule):
+    """Evaluate an image classifier with exact top-1/top-5 (torchmetrics, micro), the mean
+    loss, the number of samples and of skipped unreadable images, per epoch, gathered across
+    devices: `test/top1`, `test/top5`, `test/loss`, `test/samples`, `test/skipped` (and
+    `val/...`). Accuracies are fractions in [0, 1]. `predict_step` returns logits.
+
+    Batches are `(images, labels)`; label -1 marks an unlabeled image (not counted in the
+    accuracies). Skipped images are the count of the data module (`ImageNetDataModule.skipped`).
+    Fits the Trainer of `lightning` and of `pytorch_lightning` (see `vquant_pl._lightning`).
+
+    Args:
+        model: the classifier, or a `vquant_pl.create_model` spec such as
+            `pytorchcv:resnet18`, `timm:resnet50`, `efficientnet_lite:lite0` or the path of a
+            saved whole model (its preprocessing is then in `.preprocessing`).
+        num_classes: number of classes of the logits.
+        pretrained: load the pretrained weights of a spec (false: random initialization).
+        checkpoint: a state_dict file (plain or a Lightning checkpoint's) loaded on top of
+            the spec's architecture, with `torch.load(weights_only=True)`.
+        allow_pickle: let a spec that is a whole pickled model file be unpickled; unpickling
+            runs code from the file, so only for files you trust.
+
+    Example:
+        >>> import torch, vquant_pl as vq
+        >>> clf = vq.ImageClassifier(torch.nn.Linear(4, 3), num_classes=3)
+        >>> clf(torch.zeros(2, 4)).shape
+        torch.Size([2, 3])
+    """
 
     def __init__(self, model: nn.Module | str, num_classes: int = 1000, pretrained: bool = True,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, allow_pickle: bool = False):
         super().__init__()
         self.preprocessing = None
         if isinstance(model, str):  # a spec for vquant_pl.create_model, e.g. from YAML
             from .models import create_model
 
             self.save_hyperparameters()
-            model, self.preprocessing = create_model(model, pretrained=pretrained, checkpoint=checkpoint)
+            model, self.preprocessing = create_model(model, pretrained=pretrained, checkpoint=checkpoint,
+                                                     allow_pickle=allow_pickle)
         self.model = model
         self.num_classes = num_classes
         self.val_metrics = _metrics(num_classes).clone(prefix="val/")
@@ -46,10 +71,8 @@ class ImageClassifier(pl.LightningModule):
         return self.model(x)
 
     def _evaluate(self, batch, metrics: MetricCollection) -> None:
-        images, labels, *rest = batch
-        skipped = rest[0] if rest else 0
+        images, labels = batch[0], batch[1]
         prefix = metrics.prefix
-        metrics[f"{prefix}skipped"].update(torch.as_tensor(float(skipped), device=self.device))
         if len(labels):
             logits = self(images)
             labeled = labels != UNLABELED
@@ -60,10 +83,27 @@ class ImageClassifier(pl.LightningModule):
                     nn.functional.cross_entropy(logits[labeled], labels[labeled], reduction="none"))
             metrics[f"{prefix}samples"].update(torch.as_tensor(float(len(labels)), device=self.device))
 
+    def _skipped(self, stage: str) -> int:
+        """Images the data (module or loaders) of this run skipped on this rank."""
+        trainer = self.trainer
+        sources = [getattr(trainer, "datamodule", None)]
+        loaders = getattr(trainer, f"{stage}_dataloaders", None)
+        sources += loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        for source in sources:
+            count = getattr(source, "skipped", None)
+            if isinstance(count, int):
+                return count
+        return 0
+
     def _log_epoch(self, metrics: MetricCollection) -> None:
+        stage = "val" if metrics.prefix == "val/" else "test"
+        metrics[f"{metrics.prefix}skipped"].update(torch.tensor(float(self._skipped(stage)), device=self.device))
         # compute() gathers the states of every rank once (torchmetrics); the values are then
         # identical on all ranks, so Lightning's sync_dist mean leaves them unchanged.
-        self.log_dict({k: v.float() for k, v in metrics.compute().items()}, sync_dist=True)
+        with warnings.catch_warnings():  # unlabeled images: no loss, which reads nan
+            warnings.filterwarnings("ignore", message=".*compute.* was called before the .*update")
+            values = metrics.compute()
+        self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=True)
         metrics.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:

