@@ -68,3 +68,26 @@ def test_config_and_keywords_give_the_same_run():
     x = torch.rand(3, 4)
     assert torch.equal(a(x), b(x))
     assert ra.to_dict()["config"]["sigma"] == 14.0  # resolved, not None
+
+
+def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
+    import warnings
+
+    from vquant_pl.cli import make_cli
+
+    overrides = {"weight_bits": "6", "act_bits": "6", "rounding": "squant-c", "act_range": "bn", "sigma": "9.5",
+                 "bn_k": "2.5", "aciq_stats": "bn", "bias_correction": "true", "bit_allocation": "true",
+                 "act_bit_allocation": "true", "percentile": "99.5", "calib_batches": "3", "probe_seed": "7",
+                 "probe_shape": "[2,3,8,8]", "backend": "torch"}
+    assert set(overrides) == set(QuantConfig.field_names()), "a QuantConfig field has no CLI override here"
+    args = ["--config", "quickstart/w8a8", "--model.pretrained", "false"]
+    for name, value in overrides.items():
+        args += [f"--quant.{name}", value]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = make_cli(args, run=False)
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, vq.VQuantCallback))
+    assert cb.config == QuantConfig(weight_bits=6, act_bits=6, rounding="squant-c", act_range="bn", sigma=9.5,
+                                    bn_k=2.5, aciq_stats="bn", bias_correction=True, bit_allocation=True,
+                                    act_bit_allocation=True, percentile=99.5, calib_batches=3, probe_seed=7,
+                                    probe_shape=(2, 3, 8, 8), backend="torch")
