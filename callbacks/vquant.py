@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from vquant_pl import _lightning as pl  # either Lightning namespace (lightning.pytorch, pytorch_lightning)
 from vquant_pl._lightning import rank_zero_info, rank_zero_warn
 
-from vquant_pl.config import AciqStats, ActRange, Backend, QuantConfig, Rounding
+from vquant_pl.config import AciqStats, ActRange, Backend, BnBiasCorrection, QuantConfig, Rounding
 from vquant_pl.probe import Probe
 from vquant_pl.quantize import (activation_ranges, is_quantized, quantizable_layers, quantization_report,
                                 quantize_model, restore_model, set_activation_ranges)
@@ -34,13 +34,19 @@ class VQuantCallback(pl.Callback):
         weight_bits: weight bits (2..8); None leaves the model float (a baseline run).
         act_bits: activation bits (2..8); None keeps activations float.
         rounding: weight rounding: nearest, squant-e, squant-k, squant-c or squant.
-        act_range: activation ranges: sigma, bn, aciq-laplace, aciq-gauss, max, percentile, mse, entropy or none.
+        act_range: activation ranges: bn (BatchNorm-derived, sigma fallback; default), sigma (the paper's
+            rule), bn-mse, aciq-laplace, aciq-gauss, max, percentile, mse, entropy or none.
         sigma: width of the sigma rule; None means the paper's value for the bits (12/14/25).
         bn_k: standard deviations of BN ranges; None means the default for the bits.
         aciq_stats: where ACIQ measures the spread: probe or bn.
         bias_correction: ACIQ's per-channel weight bias correction.
         bit_allocation: ACIQ per-output-channel weight bits.
         act_bit_allocation: per-channel activation ranges and bits from BatchNorm.
+        bn_bias_correction: bias correction from BatchNorm statistics: weights (default), all or None.
+        equalize: equalize activation channel ranges into the weights before quantization.
+        equalize_alpha: equalization strength in [0, 1].
+        equalize_k: standard deviations of the BatchNorm range that equalization balances.
+        weight_clip: clamp each weight channel to its MSE-optimal range before quantization.
         percentile: percentile of the data-driven percentile calibrator.
         calib_batches: batches of the data module's val_dataloader() for data-driven ranges.
         probe_seed: seed of the noise probe.
@@ -69,16 +75,20 @@ class VQuantCallback(pl.Callback):
     """
 
     def __init__(self, weight_bits: Optional[int] = 4, act_bits: Optional[int] = 4, rounding: Rounding = "squant",
-                 act_range: ActRange = "sigma", sigma: Optional[float] = None, bn_k: Optional[float] = None,
+                 act_range: ActRange = "bn", sigma: Optional[float] = None, bn_k: Optional[float] = None,
                  aciq_stats: AciqStats = "probe", bias_correction: bool = False, bit_allocation: bool = False,
-                 act_bit_allocation: bool = False, percentile: float = 99.99, calib_batches: Optional[int] = 8,
+                 act_bit_allocation: bool = False, bn_bias_correction: Optional[BnBiasCorrection] = "weights",
+                 equalize: bool = False, equalize_alpha: float = 0.5, equalize_k: float = 4.0,
+                 weight_clip: bool = False, percentile: float = 99.99, calib_batches: Optional[int] = 8,
                  probe_seed: int = 0, probe_shape: Optional[Sequence[int]] = None, backend: Optional[Backend] = None,
                  probe: Union[Tensor, Probe, None] = None, target: Optional[str] = None,
                  stages: Union[Stage, Sequence[Stage]] = ("test",), keep_quantized: bool = False,
                  verbose: bool = True):
         settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range,
                         sigma=sigma, bn_k=bn_k, aciq_stats=aciq_stats, bias_correction=bias_correction,
-                        bit_allocation=bit_allocation, act_bit_allocation=act_bit_allocation, percentile=percentile,
+                        bit_allocation=bit_allocation, act_bit_allocation=act_bit_allocation,
+                        bn_bias_correction=bn_bias_correction, equalize=equalize, equalize_alpha=equalize_alpha,
+                        equalize_k=equalize_k, weight_clip=weight_clip, percentile=percentile,
                         calib_batches=calib_batches, probe_seed=probe_seed,
                         probe_shape=tuple(probe_shape) if probe_shape is not None else None, backend=backend)
         # weight_bits None: the float baseline, nothing is quantized (the rest is still checked)
@@ -221,9 +231,10 @@ class VQuantCallback(pl.Callback):
         """Every rank takes rank 0's quantized weights and activation ranges."""
         if trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return
-        with torch.no_grad():
-            for _, layer in quantizable_layers(module):
-                torch.distributed.broadcast(layer.weight.data, src=0)
+        with torch.no_grad():  # every tensor the run changed: weights, corrected biases, BatchNorm
+            for layer in module.modules():
+                for name in sorted(layer.__dict__.get(ORIGINALS, {})):
+                    torch.distributed.broadcast(getattr(layer, name).data, src=0)
         set_activation_ranges(module, trainer.strategy.broadcast(activation_ranges(module), src=0))
 
     def hparams(self) -> dict[str, Any]:

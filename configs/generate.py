@@ -17,7 +17,9 @@ trainer:
 """
 
 
-METHODS = {"sigma": "", "bn": "  act_range: bn\n", "aciq-laplace": "  act_range: aciq-laplace\n",
+#: The paper's rules exactly: sigma ranges on the probe, no correction (the defaults are the vquant recipe).
+PAPER = "  act_range: sigma\n  bn_bias_correction: null\n"
+METHODS = {"sigma": "  act_range: sigma\n", "bn": "  act_range: bn\n", "aciq-laplace": "  act_range: aciq-laplace\n",
            "aciq-gauss": "  act_range: aciq-gauss\n", "sigma+bias-corr": "  bias_correction: true\n",
            "sigma+bit-alloc": "  bit_allocation: true\n", "bn+bias-corr": "  act_range: bn\n  bias_correction: true\n",
            "bn+act-bit-alloc": "  act_range: bn\n  act_bit_allocation: true\n",
@@ -25,6 +27,8 @@ METHODS = {"sigma": "", "bn": "  act_range: bn\n", "aciq-laplace": "  act_range:
            "aciq-laplace-bn+bit-alloc-wa+bias-corr": "  act_range: aciq-laplace\n  aciq_stats: bn\n"
                                                      "  bit_allocation: true\n  act_bit_allocation: true\n"
                                                      "  bias_correction: true\n"}
+#: Rows of the method table that use the vquant recipe's BatchNorm bias correction (the others pin it off).
+RECIPE_METHODS = {"vquant": "  act_range: bn\n  bn_bias_correction: weights\n"}
 
 
 def write(path: Path, title: str, model: str, quant: str) -> None:
@@ -40,20 +44,21 @@ def main() -> None:
             if model == "shufflenet_g1_w1" and bits == 4:
                 continue  # the paper has no W4A4 row for ShuffleNet
             write(HERE / "paper" / f"{model}_w{bits}a{bits}.yaml", f"{title}, SQuant W{bits}A{bits} (paper table)",
-                  model, f"  weight_bits: {bits}\n  act_bits: {bits}\n  rounding: squant\n  sigma: {SIGMA[bits]}\n")
+                  model, f"  weight_bits: {bits}\n  act_bits: {bits}\n  rounding: squant\n  sigma: {SIGMA[bits]}\n{PAPER}")
     for bits in (3, 4):
         for rounding in ("squant-e", "squant-k", "squant-c", "squant"):
             write(HERE / "ablation" / f"resnet18_{rounding}_w{bits}.yaml",
                   f"Ablation: ResNet18, {rounding} granularity, {bits}-bit weights, float activations",
-                  "resnet18", f"  weight_bits: {bits}\n  act_bits: null\n  rounding: {rounding}\n")
+                  "resnet18", f"  weight_bits: {bits}\n  act_bits: null\n  rounding: {rounding}\n{PAPER}")
     for bits in (4, 6, 8):
-        for method, extra in METHODS.items():
+        for method, extra in [(m, e + "  bn_bias_correction: null\n") for m, e in METHODS.items()] + list(
+                RECIPE_METHODS.items()):
             write(HERE / "methods" / f"lite0_{method}_w{bits}a{bits}.yaml",
                   f"Method comparison: EfficientNet-Lite0, SQuant weights, {method}, W{bits}A{bits}",
                   "efficientnet_lite:lite0", f"  weight_bits: {bits}\n  act_bits: {bits}\n{extra}  verbose: false\n")
     write(HERE / "ablation" / "resnet18_squant_w5.yaml",
           "Ablation: ResNet18, SQuant, 5-bit weights, float activations", "resnet18",
-          "  weight_bits: 5\n  act_bits: null\n  rounding: squant\n")
+          "  weight_bits: 5\n  act_bits: null\n  rounding: squant\n" + PAPER)
 
 
 if __name__ == "__main__":

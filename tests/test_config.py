@@ -38,7 +38,8 @@ def test_callback_takes_every_setting_with_the_same_default_and_type():
 def test_every_callback_setting_reaches_the_run():
     changed = dict(weight_bits=6, act_bits=6, rounding="squant-k", act_range="aciq-laplace", sigma=9.0, bn_k=2.5,
                    aciq_stats="bn", bias_correction=True, bit_allocation=True, act_bit_allocation=True,
-                   percentile=99.0, calib_batches=3, probe_seed=7, probe_shape=(2, 3, 8, 8), backend="torch")
+                   percentile=99.0, calib_batches=3, probe_seed=7, probe_shape=(2, 3, 8, 8), backend="torch",
+                   bn_bias_correction="all", equalize=True, equalize_alpha=0.3, equalize_k=3.0, weight_clip=True)
     assert set(changed) == set(QuantConfig.field_names())
     cb = vq.VQuantCallback(**changed)
     assert cb.config == QuantConfig(**changed)
@@ -78,7 +79,8 @@ def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
     overrides = {"weight_bits": "6", "act_bits": "6", "rounding": "squant-c", "act_range": "bn", "sigma": "9.5",
                  "bn_k": "2.5", "aciq_stats": "bn", "bias_correction": "true", "bit_allocation": "true",
                  "act_bit_allocation": "true", "percentile": "99.5", "calib_batches": "3", "probe_seed": "7",
-                 "probe_shape": "[2,3,8,8]", "backend": "torch"}
+                 "probe_shape": "[2,3,8,8]", "backend": "torch", "bn_bias_correction": "all", "equalize": "true",
+                 "equalize_alpha": "0.3", "equalize_k": "3.0", "weight_clip": "true"}
     assert set(overrides) == set(QuantConfig.field_names()), "a QuantConfig field has no CLI override here"
     args = ["--config", "quickstart/w8a8", "--model.pretrained", "false"]
     for name, value in overrides.items():
@@ -90,4 +92,5 @@ def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
     assert cb.config == QuantConfig(weight_bits=6, act_bits=6, rounding="squant-c", act_range="bn", sigma=9.5,
                                     bn_k=2.5, aciq_stats="bn", bias_correction=True, bit_allocation=True,
                                     act_bit_allocation=True, percentile=99.5, calib_batches=3, probe_seed=7,
-                                    probe_shape=(2, 3, 8, 8), backend="torch")
+                                    probe_shape=(2, 3, 8, 8), backend="torch", bn_bias_correction="all",
+                                    equalize=True, equalize_alpha=0.3, equalize_k=3.0, weight_clip=True)

@@ -12,7 +12,8 @@ from typing import Any, Literal, Optional, Sequence, get_args
 from .affine import check_bits
 
 Rounding = Literal["nearest", "squant-e", "squant-k", "squant-c", "squant"]
-ActRange = Literal["sigma", "bn", "aciq-laplace", "aciq-gauss", "max", "percentile", "mse", "entropy", "none"]
+ActRange = Literal["bn", "sigma", "bn-mse", "aciq-laplace", "aciq-gauss", "max", "percentile", "mse", "entropy", "none"]
+BnBiasCorrection = Literal["weights", "all"]
 AciqStats = Literal["probe", "bn"]
 Backend = Literal["torch", "cpp", "cuda"]
 
@@ -38,15 +39,24 @@ class QuantConfig:
         weight_bits: bits of every quantized layer's weights (2..8), per output channel.
         act_bits: bits of the layer inputs (2..8); None keeps activations float.
         rounding: weight rounding: ``nearest``, ``squant-e``, ``squant-k``, ``squant-c`` or ``squant``.
-        act_range: how each layer input is ranged: ``sigma`` (the SQuant rule on the probe),
-            ``bn`` (DFQ, from BatchNorm, sigma fallback), ``aciq-laplace``/``aciq-gauss``,
-            the data-driven ``max``/``percentile``/``mse``/``entropy``, or ``none``.
+        act_range: how each layer input is ranged: ``bn`` (DFQ, from BatchNorm, the sigma rule
+            where no BatchNorm feeds a layer; the default), ``sigma`` (the SQuant rule on the
+            probe; the paper), ``bn-mse`` (the range minimizing the expected error under the
+            BatchNorm-derived distribution), ``aciq-laplace``/``aciq-gauss``, the data-driven
+            ``max``/``percentile``/``mse``/``entropy``, or ``none``.
         sigma: the sigma rule's width; None means the paper's value for ``act_bits`` (12/14/25).
         bn_k: standard deviations of the BN range; None means the default for the bits.
         aciq_stats: where ACIQ measures the spread: ``probe`` or ``bn`` (BatchNorm statistics).
         bias_correction: ACIQ's per-channel weight bias correction after rounding.
         bit_allocation: ACIQ per-output-channel weight bits averaging ``weight_bits``.
         act_bit_allocation: per-channel activation ranges and bits from BatchNorm statistics.
+        bn_bias_correction: analytic bias correction from BatchNorm statistics after
+            quantization: ``weights`` (the expected output shift of the weight error; the
+            default), ``all`` (also the activation quantization's), or None.
+        equalize: equalize activation channel ranges into the weights before quantization.
+        equalize_alpha: equalization strength in [0, 1] (0.5: DFQ's cross-layer equalization).
+        equalize_k: standard deviations of the BatchNorm range that equalization balances.
+        weight_clip: clamp each weight channel to its MSE-optimal range before quantization.
         percentile: the percentile of the ``percentile`` calibrator, in (0, 100].
         calib_batches: batches the data-driven methods calibrate on (None: all given).
         probe_seed: seed of the default noise probe.
@@ -64,13 +74,18 @@ class QuantConfig:
     weight_bits: int = 4
     act_bits: Optional[int] = 4
     rounding: Rounding = "squant"
-    act_range: ActRange = "sigma"
+    act_range: ActRange = "bn"
     sigma: Optional[float] = None
     bn_k: Optional[float] = None
     aciq_stats: AciqStats = "probe"
     bias_correction: bool = False
     bit_allocation: bool = False
     act_bit_allocation: bool = False
+    bn_bias_correction: Optional[BnBiasCorrection] = "weights"
+    equalize: bool = False
+    equalize_alpha: float = 0.5
+    equalize_k: float = 4.0
+    weight_clip: bool = False
     percentile: float = 99.99
     calib_batches: Optional[int] = 8
     probe_seed: int = 0
@@ -88,7 +103,13 @@ class QuantConfig:
             _choice(self.backend, "backend", Backend)
         _positive(self.sigma, "sigma")
         _positive(self.bn_k, "bn_k")
-        for name in ("bias_correction", "bit_allocation", "act_bit_allocation"):
+        if self.bn_bias_correction is not None:
+            _choice(self.bn_bias_correction, "bn_bias_correction", BnBiasCorrection)
+        _positive(self.equalize_k, "equalize_k", allow_none=False)
+        if (isinstance(self.equalize_alpha, bool) or not isinstance(self.equalize_alpha, (int, float))
+                or not 0 <= self.equalize_alpha <= 1):
+            raise ValueError(f"equalize_alpha must be a number in [0, 1], got {self.equalize_alpha!r}")
+        for name in ("bias_correction", "bit_allocation", "act_bit_allocation", "equalize", "weight_clip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _positive(self.percentile, "percentile", allow_none=False)

@@ -19,7 +19,7 @@ from . import backends
 from .aciq import allocate_bits, bias_correct
 from .affine import ActivationQuantizer, ChannelActivationQuantizer
 from .channel_ranges import bn_channel_quantizer
-from .config import AciqStats, ActRange, Backend, QuantConfig, Rounding
+from .config import AciqStats, ActRange, Backend, BnBiasCorrection, QuantConfig, Rounding
 from .input_quantizer import InputQuantizer, Quantizer
 from .probe import Probe, make_probe
 from .range_methods import METHODS, RangeMethod
@@ -66,6 +66,7 @@ class _Plan:
     layers: list[tuple[str, nn.Module]]
     act_bits: list[Optional[int]]  # per layer; None: the input stays float
     fixed: dict[str, "Quantizer | str"] = field(default_factory=dict)  # BN ranges, or why none
+    float_weights: dict[str, Tensor] = field(default_factory=dict)  # just before rounding (for bias correction)
     probe: Tensor | None = None
     probe_info: dict | None = None
     backend: str = "torch"
@@ -176,9 +177,25 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
 
 
 # -- weights ------------------------------------------------------------------------------
-def _prepare(model: nn.Module, plan: _Plan) -> None:
-    """Pre-quantization transforms of the float model (each saves what it changes with
-    `save_original`, so `restore_model` undoes it). None is enabled by the config yet."""
+def apply_transforms(model: nn.Module, config: QuantConfig, save=save_original,
+                     layers: list[tuple[str, nn.Module]] | None = None) -> bool:
+    """The pre-quantization transforms of the float model that `config` asks for
+    (`equalize`, then `weight_clip`); `save(module, name)` is called before a tensor
+    changes. True when one ran."""
+    if config.equalize:
+        from .equalize import equalize
+
+        equalize(model, config.equalize_alpha, config.equalize_k, save=save)
+    if config.weight_clip:
+        from .weight_clip import clip_weights
+
+        clip_weights(model, config.weight_bits, save=save, layers=layers)
+    return config.equalize or config.weight_clip
+
+
+def _prepare(model: nn.Module, plan: _Plan) -> bool:
+    """The transforms, each saving what it changes so that `restore_model` undoes it."""
+    return apply_transforms(model, plan.config, save_original, plan.layers)
 
 
 def quantize_layer_weight(weight: Tensor, bits: int, rounding: str, backend: str | None,
@@ -218,17 +235,19 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
             continue
         owner[id(weight)] = name
         save_original(layer, "weight")
-        original = layer.__dict__["_vquant_originals"]["weight"]
         if weight.is_shared():
             # shared memory (ddp_spawn on CPU, Hogwild): other processes read the same
             # storage, so quantize a private copy and never write to the shared one
-            weight.data = original.clone()
-        q, channel_bits = quantize_layer_weight(original, config.weight_bits, config.rounding, config.backend,
+            weight.data = weight.detach().clone()
+        before = weight.detach().clone()  # the float weight, after any transform of _prepare
+        if config.bn_bias_correction is not None:
+            plan.float_weights[name] = before
+        q, channel_bits = quantize_layer_weight(before, config.weight_bits, config.rounding, config.backend,
                                                 config.bias_correction, config.bit_allocation)
         weight.copy_(q)
         if weight.is_cuda:
             torch.cuda.synchronize(weight.device)
-        row.weight_mse = float((weight.float() - original.float()).pow(2).mean())
+        row.weight_mse = float((weight.float() - before.float()).pow(2).mean())
         row.time_ms = (time.perf_counter() - t0) * 1e3
         if channel_bits is not None:
             row.note = f"channel bits {int(channel_bits.min())}..{int(channel_bits.max())}"
@@ -272,7 +291,7 @@ def _attach_input_quantizers(plan: _Plan, rows: list[LayerReport]) -> list[Input
         elif hook.quantizer is None:
             hook.mode, hook.ranger = "range", _Ranger(fallback, config)
             if isinstance(given, str):
-                row.note = f"bn range fallback to {fallback.name} on the probe: {given}"
+                row.note = _join(row.note, f"bn range fallback to {fallback.name} on the probe: {given}")
         layer.register_forward_pre_hook(hook)
         hooks.append(hook)
     return hooks
@@ -319,6 +338,21 @@ def _calibrate(model: nn.Module, hooks: list, batches: Iterable, config: QuantCo
         hook.quantizer = ActivationQuantizer(hook.bits, -amax if signed else 0.0, amax, signed)
 
 
+def _correct_bias(model: nn.Module, plan: _Plan, hooks: list, rows: list[LayerReport]) -> None:
+    """Analytic bias correction from BatchNorm statistics (`bn_bias_correction`)."""
+    mode = plan.config.bn_bias_correction
+    if mode is None:
+        return
+    from .bias_correct import correct_bias
+
+    quantizers = {name: hook.quantizer for (name, _), hook in zip(plan.layers, hooks)
+                  if hook is not None and hook.quantizer is not None}
+    done = correct_bias(model, plan.float_weights, quantizers, activations=mode == "all", save=save_original)
+    for (name, _), row in zip(plan.layers, rows):
+        if name in done:
+            row.note = _join(row.note, f"bias corrected ({mode})")
+
+
 # -- commit -------------------------------------------------------------------------------
 def _commit(plan: _Plan, rows: list[LayerReport], hooks: list, run: RunInfo) -> None:
     """Finish the hooks, fill the rows, and attach the layer states."""
@@ -347,12 +381,14 @@ def _fill_row(row: LayerReport, q: Quantizer) -> None:
 
 # -- the public entry points ---------------------------------------------------------------
 def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[int] = 4,
-                   rounding: Rounding = "squant", act_range: ActRange = "sigma", sigma: Optional[float] = None,
+                   rounding: Rounding = "squant", act_range: ActRange = "bn", sigma: Optional[float] = None,
                    probe: Tensor | Probe | None = None, *, backend: Optional[Backend] = None,
                    bias_correction: bool = False, bit_allocation: bool = False, bn_k: Optional[float] = None,
                    aciq_stats: AciqStats = "probe", calibration: Iterable | None = None,
                    calib_batches: Optional[int] = 8, percentile: float = 99.99,
-                   act_bit_allocation: bool = False, probe_seed: int = 0,
+                   act_bit_allocation: bool = False, bn_bias_correction: Optional[BnBiasCorrection] = "weights",
+                   equalize: bool = False, equalize_alpha: float = 0.5, equalize_k: float = 4.0,
+                   weight_clip: bool = False, probe_seed: int = 0,
                    probe_shape: Optional[Sequence[int]] = None, config: QuantConfig | None = None,
                    progress: bool | None = None) -> QuantReport:
     """Quantize `model` in place, data-free, by the VQuant/SQuant rules; return a report.
@@ -369,7 +405,8 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[in
         model: the float model; changed in place (undo with `restore_model`).
         weight_bits, act_bits, rounding, act_range, sigma, backend, bias_correction,
             bit_allocation, bn_k, aciq_stats, calib_batches, percentile, act_bit_allocation,
-            probe_seed, probe_shape: the settings, as documented on `QuantConfig`.
+            bn_bias_correction, equalize, equalize_alpha, equalize_k, weight_clip, probe_seed,
+            probe_shape: the settings, as documented on `QuantConfig`.
         probe: a probe tensor, a `Probe` (seed and shape), or None for `Probe(probe_seed,
             probe_shape)`: seeded uniform noise, batch 256, at the model's input size.
         calibration: batches of inputs (tensors or `(input, ...)` tuples) for the
@@ -399,17 +436,21 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[in
     settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range, sigma=sigma,
                     backend=backend, bias_correction=bias_correction, bit_allocation=bit_allocation, bn_k=bn_k,
                     aciq_stats=aciq_stats, calib_batches=calib_batches, percentile=percentile,
-                    act_bit_allocation=act_bit_allocation, probe_seed=probe_seed,
+                    act_bit_allocation=act_bit_allocation, bn_bias_correction=bn_bias_correction,
+                    equalize=equalize, equalize_alpha=equalize_alpha, equalize_k=equalize_k, weight_clip=weight_clip,
+                    probe_seed=probe_seed,
                     probe_shape=tuple(probe_shape) if probe_shape is not None else None)
     config = _merge_config(config, settings)
     with torch.inference_mode(False), torch.no_grad(), run_scope():
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
         try:
-            _prepare(model, plan)
+            if _prepare(model, plan) and plan.config.quantizes_activations and plan.method.uses_bn(config):
+                _bn_ranges(model, plan)  # the transforms changed the BatchNorm parameters
             rows, run.weight_time_s = _quantize_weights(plan, progress)
             hooks = _attach_input_quantizers(plan, rows)
             run.probe_time_s = _fix_ranges(model, plan, hooks, calibration, progress)
+            _correct_bias(model, plan, hooks, rows)
             _commit(plan, rows, hooks, run)
         except BaseException:
             restore_all(model)

@@ -13,6 +13,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from .aciq import ACIQ_ALPHA, aciq_range
+from .act_mse import bn_mse_method_range
 from .bn_ranges import DEFAULT_BN_K, ChannelStats, stats_range
 from .config import QuantConfig
 from .ranges import sigma_range
@@ -68,8 +69,9 @@ def _aciq_laplace_k(bits: int, config: QuantConfig) -> float:
 
 
 METHODS: dict[str, RangeMethod] = {m.name: m for m in (
-    RangeMethod("sigma", _sigma),
     RangeMethod("bn", _sigma, bn_k=_bn_k, bn_first=True),  # sigma where no BatchNorm feeds the layer
+    RangeMethod("sigma", _sigma),
+    RangeMethod("bn-mse", _sigma, bn_range=bn_mse_method_range, bn_first=True),
     RangeMethod("aciq-laplace", _aciq("laplace"), bn_k=_aciq_laplace_k),
     RangeMethod("aciq-gauss", _aciq("gauss"), bn_k=_aciq_gauss_k),
     RangeMethod("max", None, calibrated=True),
