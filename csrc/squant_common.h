@@ -1,5 +1,5 @@
 // SQuant rounding: the per-element rules shared by the CPU and CUDA implementations.
-// Semantics: DESIGN.md "SQuant rounding" (bit-exact with the vectorized PyTorch reference).
+// Semantics: docs/quantization-rules.md "SQuant rounding" (bit-exact with the vectorized PyTorch reference).
 #pragma once
 #include <cmath>
 

@@ -1,7 +1,9 @@
 // SQuant rounding on the CPU: one task per output channel (ATen parallel_for); the
 // K-level and the C-level of a channel only touch that channel, so nothing is shared.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <numeric>
@@ -55,14 +57,14 @@ void flip_group(const float* x, float* number, float* error, float* up_prio, flo
 }  // namespace
 
 // codes: [OC, IC, K] float32, contiguous. Returns the rounded codes clamped to [-n, n-1].
-torch::Tensor squant_round_cpu(torch::Tensor codes, int64_t bits, bool k_level, bool c_level) {
-  TORCH_CHECK(codes.device().is_cpu(), "squant_round_cpu: codes must be on the CPU");
-  TORCH_CHECK(codes.scalar_type() == torch::kFloat32, "squant_round_cpu: codes must be float32");
-  TORCH_CHECK(codes.dim() == 3, "squant_round_cpu: codes must be [OC, IC, K]");
-  TORCH_CHECK(bits >= 1 && bits <= 16, "squant_round_cpu: bits out of range");
+at::Tensor squant_round_cpu(const at::Tensor& codes, int64_t bits, bool k_level, bool c_level) {
+  TORCH_CHECK(codes.device().is_cpu(), "vquant::squant_round (CPU): codes must be on the CPU, got ", codes.device());
+  TORCH_CHECK(codes.scalar_type() == at::kFloat, "vquant::squant_round: codes must be float32, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 3, "vquant::squant_round: codes must be [OC, IC, K], got ", codes.dim(), " dims");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "vquant::squant_round: bits must lie in 1..16, got ", bits);
   auto x_t = codes.contiguous();
   const long oc = x_t.size(0), ic = x_t.size(1), ks = x_t.size(2), row = ic * ks;
-  auto out = torch::empty_like(x_t);
+  auto out = at::empty_like(x_t);
   const float n = static_cast<float>(1L << (bits - 1));
   const float t_min = -n, t_max = n - 1.f;
   const float* x_all = x_t.data_ptr<float>();

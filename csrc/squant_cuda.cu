@@ -2,13 +2,10 @@
 //   kernel 1: one thread per (oc, ic) kernel: initial rounding, K-level flips, boundary mark;
 //   kernel 2: one block per output channel: C-level flips by block-wide selection of the
 //             k highest priorities (stable order), then the clamp.
-#include <torch/extension.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-
+// Built by nvcc for the GPU, and for the CPU under the CUDA emulation (cuda_compat.h).
 #include <cfloat>
 
+#include "cuda_compat.h"
 #include "squant_common.h"
 
 namespace vquant {
@@ -136,30 +133,30 @@ __global__ void channel_level(const float* __restrict__ x, const float* __restri
 
 }  // namespace
 
-torch::Tensor squant_round_cuda(torch::Tensor codes, int64_t bits, bool k_level, bool c_level) {
-  TORCH_CHECK(codes.is_cuda(), "squant_round_cuda: codes must be a CUDA tensor");
-  TORCH_CHECK(codes.scalar_type() == torch::kFloat32, "squant_round_cuda: codes must be float32");
-  TORCH_CHECK(codes.dim() == 3, "squant_round_cuda: codes must be [OC, IC, K]");
-  TORCH_CHECK(bits >= 1 && bits <= 16, "squant_round_cuda: bits out of range");
-  const c10::cuda::CUDAGuard guard(codes.device());
+at::Tensor squant_round_cuda(const at::Tensor& codes, int64_t bits, bool k_level, bool c_level) {
+  VQ_DEVICE_CHECK(codes, "vquant::squant_round: codes");
+  TORCH_CHECK(codes.scalar_type() == at::kFloat, "vquant::squant_round: codes must be float32, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() == 3, "vquant::squant_round: codes must be [OC, IC, K], got ", codes.dim(), " dims");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "vquant::squant_round: bits must lie in 1..16, got ", bits);
+  VQ_DEVICE_GUARD(codes);
   auto x = codes.contiguous();
   const long oc = x.size(0), ic = x.size(1), ks = x.size(2);
-  auto number = torch::empty_like(x), error = torch::empty_like(x);
-  auto up_prio = torch::empty_like(x), down_prio = torch::empty_like(x), out = torch::empty_like(x);
+  auto number = at::empty_like(x), error = at::empty_like(x);
+  auto up_prio = at::empty_like(x), down_prio = at::empty_like(x), out = at::empty_like(x);
   const float n = (float)(1L << (bits - 1));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = VQ_STREAM;
   const long groups = oc * ic;
-  if (groups > 0) {
-    kernel_level<<<(groups + kBlock - 1) / kBlock, kBlock, 0, stream>>>(
+  if (groups > 0 && ks > 0) {
+    VQ_LAUNCH(kernel_level, (groups + kBlock - 1) / kBlock, kBlock, stream)(
         x.data_ptr<float>(), number.data_ptr<float>(), error.data_ptr<float>(),
         up_prio.data_ptr<float>(), down_prio.data_ptr<float>(), groups, ks, -n, n - 1.f,
         k_level && ks > 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    channel_level<<<oc, kBlock, 0, stream>>>(
+    VQ_LAUNCH_CHECK();
+    VQ_LAUNCH(channel_level, oc, kBlock, stream)(
         x.data_ptr<float>(), number.data_ptr<float>(), error.data_ptr<float>(),
         up_prio.data_ptr<float>(), down_prio.data_ptr<float>(), out.data_ptr<float>(), ic * ks,
         -n, n - 1.f, c_level);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    VQ_LAUNCH_CHECK();
   }
   return out;
 }

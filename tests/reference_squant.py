@@ -1,4 +1,4 @@
-"""A literal, loop-based reading of DESIGN.md "SQuant rounding", for cross-checks only."""
+"""A literal, loop-based reading of docs/quantization-rules.md "SQuant rounding", for cross-checks only."""
 import math
 
 import torch

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vquant_pl as vq
-from vquant_pl import backends
+from vquant_pl import backends, kernels
 from vquant_pl.squant import ROUNDINGS
 
 CUDA = torch.cuda.is_available()
@@ -75,16 +75,16 @@ def test_selection(monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the CUDA tests above build and run the kernel")
-@pytest.mark.skipif(shutil.which("nvcc") is None or backends.find_cuda_home() is None,
+@pytest.mark.skipif(shutil.which("nvcc") is None or kernels.find_cuda_home() is None,
                     reason="no nvcc / CUDA toolkit: the CUDA sources cannot be compiled here")
 def test_cuda_sources_compile():
     """Compile (not run) the CUDA extension so that a broken .cu file fails CI."""
     env = dict(os.environ)
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # no GPU to ask: build for Hopper
-    code = "from vquant_pl import backends; print(backends.load_extension('cuda').squant_round.__doc__)"
+    code = "from vquant_pl import kernels; kernels.build('cpu'); print(kernels.build('cuda').name)"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "SQuant rounding" in run.stdout
+    assert kernels.build_name("cuda") in run.stdout
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])

@@ -35,7 +35,7 @@ def test_lite0_w8a8_within_one_point_of_fp32(lite0_and_sample):
     assert len(labels) == 100
     fp32 = _top1(model, images, labels)
     assert fp32 >= 0.8  # the float model itself is sound on these images
-    # a 64-image probe keeps CI fast; the default is 256 (DESIGN.md rule 6)
+    # a 64-image probe keeps CI fast; the default is 256 (docs/quantization-rules.md rule 6)
     report = vq.quantize_model(model, 8, 8, probe=vq.Probe(shape=(64, 3, 224, 224)))
     try:
         assert report.num_layers == 50

@@ -4,7 +4,7 @@ distribution: no probe, no data.
 A layer input's channels are modelled as in `bn_ranges` (normal with BatchNorm's beta and
 |gamma|, clipped by ReLU/ReLU6, summed over residual adds). A fixed, seeded set of
 standard-normal draws per channel turns the expectation into an average; the range
-`[lo, hi]` of the per-tensor quantizer (DESIGN.md rule 3 arithmetic: scale, rounded zero
+`[lo, hi]` of the per-tensor quantizer (docs/quantization-rules.md rule 3 arithmetic: scale, rounded zero
 point, clamp) is searched on a grid to minimize the mean squared error over all channels,
 each weighted by `channel_weight` (for example the squared norm of the consumer's
 input-channel weights, so that error where the next layer looks counts more).

@@ -1,6 +1,6 @@
 """Affine fake quantization of weights (per output channel) and activations (per tensor).
 
-Bit-exact with DESIGN.md rules 2 and 3: the scale is a float32 tensor divided by a
+Bit-exact with docs/quantization-rules.md rules 2 and 3: the scale is a float32 tensor divided by a
 float32 tensor (never `python_number / tensor`, which multiplies by a reciprocal),
 zero points are rounded half to even, dequantization divides by the scale.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
+from . import kernels
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -47,9 +47,17 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
 
 
 class ActivationQuantizer:
-    """Per-tensor affine fake quantization with a fixed range (DESIGN.md rule 3).
+    """Per-tensor affine fake quantization with a fixed range (docs/quantization-rules.md rule 3).
 
-    Scale and zero point are computed once; each call is one elementwise pass.
+    Scale and zero point are computed once; each call is one `vquant::fake_quant` operator
+    (native kernel, or its PyTorch twin without a compiler): one elementwise pass that keeps
+    the input's dtype (fp16/bf16 are computed in float32) and memory format (channels_last),
+    and a single node under `torch.compile`. Inputs that need a gradient take `reference`.
+
+    Example:
+        >>> q = ActivationQuantizer(4, 0.0, 6.0, signed=False)
+        >>> q(torch.tensor([0.1, 2.0, 7.0]))
+        tensor([0.0000, 2.0000, 6.0000])
     """
 
     def __init__(self, bits: int, lo: float | Tensor, hi: float | Tensor, signed: bool):
@@ -64,12 +72,12 @@ class ActivationQuantizer:
         self.q_min, self.q_max = (-n, n - 1) if signed else (0, 2 ** bits - 1)
         self._scale_f, self._zero_point_f = float(self.scale), float(self.zero_point)
         self._on: dict[torch.device, tuple] = {}
+        self._op = kernels.ops().fake_quant
 
     def _on_device(self, device: torch.device) -> tuple:
-        """Scale, zero point and the fused native kernel (or None) for `device`, once."""
+        """Scale and zero point on `device`, once (for `reference`)."""
         if device not in self._on:
-            self._on[device] = (self.scale.to(device), self.zero_point.to(device),
-                                backends.native_fake_quant(device))
+            self._on[device] = (self.scale.to(device), self.zero_point.to(device))
         return self._on[device]
 
     def ranges(self) -> tuple[int, float, float, bool]:
@@ -77,17 +85,23 @@ class ActivationQuantizer:
         return self.bits, self.lo, self.hi, self.signed
 
     def __getstate__(self) -> dict:
-        return self.__dict__ | {"_on": {}}  # the per-device cache holds a native function
+        state = dict(self.__dict__)
+        state["_on"] = {}  # per-device copies
+        state.pop("_op", None)  # the operator is looked up again where the copy lands
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._op = kernels.ops().fake_quant
 
     def __call__(self, x: Tensor) -> Tensor:
-        fused = self._on_device(x.device)[2]
-        if fused is not None and x.dtype == torch.float32 and not x.requires_grad:
-            return fused(x, self._scale_f, self._zero_point_f, self.q_min, self.q_max)
-        return self.reference(x)
+        if not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
+            return self.reference(x)
+        return self._op(x, self._scale_f, self._zero_point_f, self.q_min, self.q_max)
 
     def reference(self, x: Tensor) -> Tensor:
         """The same computation as PyTorch ops (in place after the first: no temporaries)."""
-        scale, zero_point, _ = self._on_device(x.device)
+        scale, zero_point = self._on_device(x.device)
         q = torch.mul(x.float(), scale)
         q.sub_(zero_point).round_().clamp_(self.q_min, self.q_max)
         return q.add_(zero_point).div_(scale).to(x.dtype)
@@ -95,13 +109,15 @@ class ActivationQuantizer:
 
 def fake_quant_activation(x: Tensor, bits: int, lo: float | Tensor, hi: float | Tensor,
                           signed: bool) -> Tensor:
-    """Fake-quantize an activation tensor with range `[lo, hi]` (DESIGN.md rule 3)."""
+    """Fake-quantize an activation tensor with range `[lo, hi]` (docs/quantization-rules.md rule 3)."""
     return ActivationQuantizer(bits, lo, hi, signed)(x)
 
 
 class ChannelActivationQuantizer:
     """Affine fake quantization with a range and a bit width per channel (for activation
-    bit allocation): rule 3 applied channel by channel along `dim`, signedness per tensor."""
+    bit allocation): rule 3 applied channel by channel along `dim`, signedness per tensor.
+    Each call is one operator (`vquant_py::fake_quant_channel`); dtype and memory format
+    of the input are kept."""
 
     def __init__(self, bits: Tensor, lo: Tensor, hi: Tensor, signed: bool, dim: int = 1):
         bits = torch.as_tensor(bits).detach().cpu().flatten().long()
@@ -142,6 +158,9 @@ class ChannelActivationQuantizer:
             self._on[key] = tuple(t.to(x.device).view(shape) for t in
                                   (self.scale, self.zero_point, self.q_min, self.q_max))
         scale, zero_point, q_min, q_max = self._on[key]
-        q = torch.mul(x.float(), scale)
-        q.sub_(zero_point).round_().clamp_(q_min, q_max)
-        return q.add_(zero_point).div_(scale).to(x.dtype)
+        if not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
+            q = torch.mul(x.float(), scale)
+            q.sub_(zero_point).round_().clamp_(q_min, q_max)
+            return q.add_(zero_point).div_(scale).to(x.dtype)
+        # One operator: a single node under torch.compile, so compiled equals eager bit for bit.
+        return kernels.fake_quant_channel(x, scale, zero_point, q_min, q_max)

@@ -33,7 +33,7 @@ def _choice(value: Any, name: str, kind: Any) -> None:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """The settings of one quantization run (DESIGN.md rules 1-7 and the methods).
+    """The settings of one quantization run (docs/quantization-rules.md rules 1-7 and the methods).
 
     Args:
         weight_bits: bits of every quantized layer's weights (2..8), per output channel.

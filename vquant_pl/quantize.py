@@ -3,7 +3,7 @@
 Module types and `state_dict` keys stay as they are: weights are overwritten in place, the
 float originals and an `InputQuantizer` pre-hook live on each quantized layer
 (`vquant_pl.state`), so copies and pickles of a quantized model stay quantized and
-restorable. The rules are DESIGN.md's (docs/quantization-rules.md in this repository).
+restorable. The rules are in docs/quantization-rules.md.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ACT_RANGES = tuple(METHODS)
 #: Data-driven methods (NVIDIA-style calibrators on `calibration` batches), for comparison.
 CALIBRATED_RANGES = tuple(name for name, m in METHODS.items() if m.calibrated)
-#: Bits of the last layer's input (DESIGN.md rule 4).
+#: Bits of the last layer's input (docs/quantization-rules.md rule 4).
 LAST_LAYER_ACT_BITS = 8
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

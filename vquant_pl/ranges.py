@@ -1,4 +1,4 @@
-"""Activation ranges: the sigma rule (DESIGN.md rule 6) and its paper defaults."""
+"""Activation ranges: the sigma rule (docs/quantization-rules.md rule 6) and its paper defaults."""
 from __future__ import annotations
 
 from torch import Tensor

@@ -1,6 +1,6 @@
 """SQuant rounding (E/K/C flipping) in vectorized PyTorch: the readable reference.
 
-Semantics follow DESIGN.md "SQuant rounding" to the bit: round half to even, flip
+Semantics follow docs/quantization-rules.md "SQuant rounding" to the bit: round half to even, flip
 targets computed once from the initial rounding, stable priority order (ties by
 ascending index), one boundary element carried from the K-level to the C-level.
 """

@@ -1,0 +1,29 @@
+// The CUDA sources compiled for the CPU under the emulation of the CUDA execution model
+// (cuda_emulation.h): the very same files nvcc builds, included verbatim, registered as the
+// operators VQ_EMU_NS::squant_round and VQ_EMU_NS::fake_quant on CPU tensors (tests, selftest).
+#ifndef VQUANT_CUDA_EMULATION
+#error "build with -DVQUANT_CUDA_EMULATION"
+#endif
+#ifndef VQ_EMU_NS
+#define VQ_EMU_NS vquant_emu
+#endif
+
+#include "squant_cuda.cu"
+#include "fake_quant_cuda.cu"
+
+#include <torch/library.h>
+
+#include "ops_schema.h"
+
+#define VQ_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define VQ_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+VQ_TORCH_LIBRARY(VQ_EMU_NS, m) {
+  m.def(VQ_SCHEMA_SQUANT_ROUND);
+  m.def(VQ_SCHEMA_FAKE_QUANT);
+}
+
+VQ_TORCH_LIBRARY_IMPL(VQ_EMU_NS, CPU, m) {
+  m.impl("squant_round", &vquant::squant_round_cuda);
+  m.impl("fake_quant", &vquant::fake_quant_cuda);
+}
