@@ -66,7 +66,7 @@ def test_activation_bit_allocation_keeps_budget_and_travels_to_other_ranks(act_r
     out = model(probe)
     vq.set_activation_ranges(model, ranges)  # what DDP does with rank 0's ranges
     assert torch.equal(model(probe), out)
-    assert report.layers[1].note.endswith(f"act channel bits {int(bits.min())}..{int(bits.max())}"
+    assert report.layers[1].note.endswith(f"act channel bits {int(bits.min())}..{int(bits.max())}")
     vq.restore_model(model)
 
 
