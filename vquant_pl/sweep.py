@@ -61,9 +61,12 @@ def _method(settings: dict) -> str:
     text = f"{settings['rounding']}/{settings['act_range'] if settings['act_bits'] else 'none'}"
     if settings["act_bits"] and settings["act_range"].startswith("aciq-") and settings.get("aciq_stats") == "bn":
         text += "(bn)"
-    return text + ("+bias-corr" if settings.get("bias_correction") else "") + \
-        ("+bit-alloc" if settings.get("bit_allocation") else "") + \
-        ("+act-bit-alloc" if settings.get("act_bit_allocation") else "")
+    flags = {"equalize": "+eq", "weight_clip": "+clip", "bias_correction": "+bias-corr", "bit_allocation": "+bit-alloc",
+             "act_bit_allocation": "+act-bit-alloc"}
+    text += "".join(tag for key, tag in flags.items() if settings.get(key))
+    if settings.get("bn_bias_correction"):
+        text += f"+bn-bias-corr({settings['bn_bias_correction']})"
+    return text
 
 
 def _callback(trainer):
