@@ -14,8 +14,9 @@ from vquant_pl._lightning import rank_zero_info, rank_zero_warn
 
 from vquant_pl.config import AciqStats, ActRange, Backend, BnBiasCorrection, QuantConfig, Rounding
 from vquant_pl.probe import Probe
-from vquant_pl.quantize import (activation_ranges, is_quantized, quantizable_layers, quantization_report,
-                                quantize_model, restore_model, set_activation_ranges)
+from vquant_pl.quantize import (activation_ranges, is_quantized, quantization_report, quantize_model, restore_model,
+                                set_activation_ranges)
+from vquant_pl.range_methods import METHODS
 from vquant_pl.report import QuantReport
 from vquant_pl.state import ORIGINALS
 
@@ -209,7 +210,7 @@ class VQuantCallback(pl.Callback):
             return
         start = time.perf_counter()
         calibration = None
-        if self.config.quantizes_activations and self.config.act_range in ("max", "percentile", "mse", "entropy"):
+        if self.config.quantizes_activations and METHODS[self.config.act_range].calibrated:
             # data-driven ranges (for comparison only): batches of the data module's val loader
             datamodule = trainer.datamodule
             if datamodule is None:

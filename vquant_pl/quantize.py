@@ -30,9 +30,6 @@ from .weights import check_weight, quantize_weight
 
 #: Layer types whose weights and inputs are quantized (subclasses included).
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-ACT_RANGES = tuple(METHODS)
-#: Data-driven methods (NVIDIA-style calibrators on `calibration` batches), for comparison.
-CALIBRATED_RANGES = tuple(name for name, m in METHODS.items() if m.calibrated)
 #: Bits of the last layer's input (docs/quantization-rules.md rule 4).
 LAST_LAYER_ACT_BITS = 8
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -46,14 +43,6 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of `model` carries vquant quantization state."""
     return any(True for _ in iter_states(model))
-
-
-def check_settings(weight_bits: int, act_bits: int | None, rounding: str, act_range: str,
-                   sigma: float | None, bn_k: float | None = None, aciq_stats: str = "probe",
-                   act_bit_allocation: bool = False) -> None:
-    """Raise a ValueError naming the first bad quantization setting (see `QuantConfig`)."""
-    QuantConfig(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range, sigma=sigma,
-                bn_k=bn_k, aciq_stats=aciq_stats, act_bit_allocation=act_bit_allocation)
 
 
 # -- plan ---------------------------------------------------------------------------------
