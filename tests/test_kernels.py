@@ -1,6 +1,7 @@
 """The vquant operators: dispatcher registration (opcheck), dtypes and memory formats,
 torch.compile without graph breaks, and the build (once, visibly, cached by version + hash)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,8 +233,8 @@ def test_torch_kernels_replace_loaded_cuda_kernels(monkeypatch):
     if not NATIVE or not (kernels.build_root() / kernels.build_name("cuda") / "BUILD_OK").is_file():
         pytest.skip("the CUDA library is not built here (no nvcc)")
     kernels.build("cuda")
-    assert "CUDA: registered at " + str(kernels.source_dir() / "register_cuda.cpp") in \
-        torch._C._dispatch_dump("vquant::squant_round")
+    # the build is shared by every checkout with the same sources: the file name, not the folder
+    assert re.search(r"\nCUDA: registered at \S*register_cuda\.cpp", torch._C._dispatch_dump("vquant::squant_round"))
     monkeypatch.setitem(kernels._state, "cuda", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no stray warning about the override
