@@ -2,9 +2,10 @@
 import torch
 from torch import nn
 
+import vquant_pl as vq
+
 from vquant_pl.affine import ActivationQuantizer
 from vquant_pl.bias_correct import correct_bias, expected_shift
-from vquant_pl.equalize import Originals
 
 
 class Net(nn.Module):
@@ -50,15 +51,14 @@ def test_weight_and_activation_shifts_are_removed_and_restored_exactly():
         net.out.weight.fill_(2.5)  # error 0.5 on an input of mean 1
     # step 0.4 on [0, 6]: channel 1 (about 0.1) reads as 0, channel 0 (about 2.0) as 2.0
     q = ActivationQuantizer(4, 0.0, 6.0, False)
-    undo = Originals()
-    done = correct_bias(net, floats, {"fc": q}, save=undo.save)
+    done = correct_bias(net, floats, {"fc": q}, save=vq.save_original)
     # fc: 0.25 * 2 (weights) + 3 * (0 - 0.1) (activations) = 0.2, taken off its bias
     assert torch.allclose(done["fc"], torch.tensor([0.2]), atol=1e-3)
     assert torch.allclose(net.fc.bias, torch.tensor([0.3]), atol=1e-3)
     # out has no bias: 0.5 * 1 goes into the running mean of the BatchNorm after it
     assert torch.allclose(done["out"], torch.tensor([0.5]), atol=1e-3)
     assert torch.allclose(net.bn2.running_mean, torch.tensor([0.5]), atol=1e-3)
-    undo.restore()
+    vq.restore_model(net)
     net.fc.weight.data.copy_(floats["fc"])
     net.out.weight.data.copy_(floats["out"])
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
@@ -68,12 +68,11 @@ def test_weights_only_ignores_the_input_quantizer():
     net = Net()
     floats = {"fc": net.fc.weight.clone()}
     done = correct_bias(net, floats, {"fc": ActivationQuantizer(4, 0.0, 6.0, False)}, activations=False,
-                        save=Originals().save)
+                        save=vq.save_original)
     assert torch.allclose(done["fc"], torch.tensor([0.0]), atol=1e-6)  # weights unchanged: nothing to correct
 
 
 def test_after_quantize_model_restore_model_undoes_the_correction():
-    import vquant_pl as vq
 
     torch.manual_seed(0)
     net = Net()

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from vquant_pl.equalize import Originals, equalize, find_groups
+import vquant_pl as vq
+
+from vquant_pl.equalize import equalize, find_groups
 
 
 class Stream(nn.Module):
@@ -73,21 +75,20 @@ def test_stream_alpha_one_equalizes_fully_and_restores_exactly():
     before = _snapshot(model)
     x = torch.randn(4, 2, 5, 5)
     ref = model(x)
-    undo = Originals()
-    (group,) = equalize(model, alpha=1.0, k=4.0, save=undo.save)
+    (group,) = equalize(model, alpha=1.0, k=4.0, save=vq.save_original)
     assert group.producers == ["bn"] and group.consumers == ["out"] and group.clip is None
     # ranges 4|gamma| = (4, 0.4): the narrow channel is scaled x10 up to the widest
     assert torch.allclose(group.scales, torch.tensor([1.0, 10.0]))
     assert torch.allclose(model.bn.weight, torch.tensor([1.0, 1.0]))
     assert torch.allclose(model.out.weight.flatten(), torch.tensor([1.0, 0.1]))
     assert torch.allclose(model(x), ref, atol=1e-5)
-    undo.restore()
+    vq.restore_model(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_stream_alpha_half_is_dfq_sqrt_balance():
     model = Stream()
-    (group,) = equalize(model, alpha=0.5, k=4.0, save=Originals().save)
+    (group,) = equalize(model, alpha=0.5, k=4.0, save=vq.save_original)
     # equal consumer weights: f ~ 1/sqrt(a), widest channel kept -> (1, sqrt(10))
     assert torch.allclose(group.scales, torch.tensor([1.0, math.sqrt(10.0)]))
 
@@ -99,18 +100,17 @@ def test_residual_stream_groups_both_producers_and_consumers_and_is_exact():
     assert [(g.producers, g.consumers, g.clip) for g in groups] == [(["bn_a", "bn_b"], ["c1", "c2"], None)]
     x = torch.randn(3, 3, 6, 6)
     ref = model(x)
-    undo = Originals()
-    (group,) = equalize(model, alpha=0.5, save=undo.save)
+    (group,) = equalize(model, alpha=0.5, save=vq.save_original)
     assert not torch.allclose(group.scales, torch.ones(4))
     assert torch.allclose(model.bn_a.weight, model.bn_b.weight)  # both producers scaled alike
     assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-5)
-    undo.restore()
+    vq.restore_model(model)
     assert torch.equal(model(x), ref)
 
 
 def test_relu6_pair_scales_only_channels_below_the_clip():
     model = Clipped()
-    (group,) = equalize(model, alpha=0.5, k=4.0, clip_k=8.0, save=Originals().save)
+    (group,) = equalize(model, alpha=0.5, k=4.0, clip_k=8.0, save=vq.save_original)
     assert group.clip == (0.0, 6.0) and group.consumers == ["dw"]
     # channel 0: 3 + 8*1 > 6 -> untouched; channel 1: upper 4*0.25 = 1, safe 8*0.25 = 2 -> depthwise
     # consumer equalizes to the widest range 6 but the cap 6 / 2 = 3 binds; channel 2: upper 3,
@@ -134,6 +134,6 @@ def test_bn_with_other_users_is_not_a_group():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="alpha must lie in"):
-        equalize(Stream(), alpha=1.5, save=Originals().save)
+        equalize(Stream(), alpha=1.5, save=vq.save_original)
     with pytest.raises(ValueError, match="k must be > 0"):
-        equalize(Stream(), k=0, save=Originals().save)
+        equalize(Stream(), k=0, save=vq.save_original)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from vquant_pl.equalize import Originals
+import vquant_pl as vq
+
 from vquant_pl.weight_clip import clip_ratios, clip_weights
 
 
@@ -27,16 +28,15 @@ def test_clip_weights_clamps_in_place_and_restores_exactly():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(5, 2))
     before = [p.clone() for p in net.parameters()]
-    undo = Originals()
-    ratios = clip_weights(net, 3, weighted=False, save=undo.save)
+    ratios = clip_weights(net, 3, weighted=False, save=vq.save_original)
     w = net[0].weight.reshape(4, -1)
     b = before[0].reshape(4, -1)
     assert torch.allclose(w.amax(1), b.amax(1) * ratios["0"])
     assert torch.allclose(w.amin(1), b.amin(1) * ratios["0"])
-    undo.restore()
+    vq.restore_model(net)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
 
 
 def test_bad_ratio_is_named():
     with pytest.raises(ValueError, match="min_ratio must lie in"):
-        clip_weights(nn.Linear(2, 2), 4, min_ratio=0.0, save=Originals().save)
+        clip_weights(nn.Linear(2, 2), 4, min_ratio=0.0, save=vq.save_original)

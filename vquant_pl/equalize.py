@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .bn_ranges import _BN, _Tracer
 
-__all__ = ["EqualizationGroup", "Originals", "default_save", "equalize", "find_groups"]
+__all__ = ["EqualizationGroup", "default_save", "equalize", "find_groups"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -50,35 +50,6 @@ class EqualizationGroup:
     consumers: list[str]
     clip: tuple[float, float] | None = None
     scales: Tensor | None = field(default=None, repr=False)  # set by `equalize`
-
-
-class Originals:
-    """A stand-alone undo record: `save(module, name)` before a change, `restore()` after.
-
-    Example:
-        >>> undo = Originals()
-        >>> equalize(model, save=undo.save)
-        >>> undo.restore()  # the exact float tensors are back
-    """
-
-    def __init__(self) -> None:
-        self.saved: list[tuple[nn.Module, str, Tensor]] = []
-        self._ids: set[int] = set()
-
-    def save(self, module: nn.Module, name: str) -> bool:
-        tensor = getattr(module, name)
-        if id(tensor) in self._ids:
-            return False
-        self._ids.add(id(tensor))
-        self.saved.append((module, name, tensor.detach().clone()))
-        return True
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for module, name, value in reversed(self.saved):
-            getattr(module, name).copy_(value)
-        self.saved.clear()
-        self._ids.clear()
 
 
 def default_save() -> SaveFn:
