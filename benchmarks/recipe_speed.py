@@ -2,8 +2,8 @@
 
     python benchmarks/recipe_speed.py [--model lite2] [--recipe vquant] [--bits 4] [--runs 3]
 
-Each run is one `quantize_recipe` call (transforms, SQuant weights, BatchNorm-derived
-ranges, bias correction) followed by `restore_model`; prints a Markdown row with the
+Each run is one `quantize_model` call with the recipe's settings (transforms, SQuant
+weights, BatchNorm-derived ranges, bias correction) followed by `restore_model`; prints a Markdown row with the
 median, min and max of the runs and the device. The goal (issue 14) is under 30 s.
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ import time
 import torch
 
 import vquant_pl as vq
-from vquant_pl.equalize import Originals
 from vquant_pl.models import create_model
-from vquant_pl.recipes import load_recipe, quantize_recipe
+from vquant_pl.recipes import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_recipe(args.recipe)
     times = []
     for _ in range(args.runs):
-        undo = Originals()
         start = time.perf_counter()
-        quantize_recipe(model, args.bits, args.bits, save=undo.save, **settings)
+        vq.quantize_model(model, args.bits, args.bits, **settings)
         times.append(time.perf_counter() - start)
         vq.restore_model(model)
-        undo.restore()
     device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print("| model | recipe | W/A | median s | min s | max s | runs | device |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
