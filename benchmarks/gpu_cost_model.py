@@ -19,8 +19,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vquant_pl as vq
-from vquant_pl.affine import weight_codes
-from vquant_pl.squant import squant_round_torch
+from vquant_pl.ops.affine import weight_codes
+from vquant_pl.ops.squant import squant_round_torch
 
 NO_KERNEL = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.detach", "aten.alias", "aten.empty",
              "aten.empty_like", "aten.t", "aten.expand", "aten._to_copy_noop", "aten.lift_fresh"}

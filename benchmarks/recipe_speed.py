@@ -17,7 +17,7 @@ import torch
 
 import vquant_pl as vq
 from vquant_pl.models import create_model
-from vquant_pl.recipes import load_recipe
+from vquant_pl.cli.recipes import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:

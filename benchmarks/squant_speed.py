@@ -18,7 +18,7 @@ import time
 import torch
 
 import vquant_pl as vq
-from vquant_pl import backends
+from vquant_pl.ops import backends
 
 MODELS = ["resnet18", "resnet50", "inceptionv3", "sqnxt23_w2", "shufflenet_g1_w1"]
 

@@ -16,7 +16,7 @@ from vquant_pl.config import AciqStats, ActRange, Backend, BnBiasCorrection, Qua
 from vquant_pl.probe import Probe
 from vquant_pl.quantize import (activation_ranges, is_quantized, quantization_report, quantize_model, restore_model,
                                 set_activation_ranges)
-from vquant_pl.range_methods import METHODS
+from vquant_pl.methods.table import METHODS
 from vquant_pl.report import QuantReport
 from vquant_pl.state import ORIGINALS
 
@@ -267,7 +267,7 @@ class VQuantCallback(pl.Callback):
             add_figure = getattr(experiment, "add_figure", None)
             if callable(add_figure):
                 try:
-                    from vquant_pl.plots import layer_figure
+                    from vquant_pl.cli.plots import layer_figure
                 except ImportError:
                     layer_figure = None
                 if layer_figure is not None:

@@ -1,6 +1,6 @@
 // The vquant operators: schemas (TORCH_LIBRARY) and CPU implementations. The CUDA
 // implementations register from the CUDA library (register_cuda.cpp); the fake (meta)
-// implementations for torch.compile live in Python (vquant_pl/kernels.py).
+// implementations for torch.compile live in Python (vquant_pl/ops/kernels.py).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, double scale, double zero_point, 
 }  // namespace vquant
 
 TORCH_LIBRARY(vquant, m) {
-  m.set_python_module("vquant_pl.kernels");
+  m.set_python_module("vquant_pl.ops.kernels");
   m.def(VQ_SCHEMA_SQUANT_ROUND, {at::Tag::pt2_compliant_tag});
   m.def(VQ_SCHEMA_FAKE_QUANT, {at::Tag::pt2_compliant_tag});
 }

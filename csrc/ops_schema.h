@@ -1,5 +1,5 @@
 // Schemas of the vquant operators, shared by the native library (ops.cpp), the CUDA emulation
-// (cuda_emulation_build.cpp) and, read by vquant_pl/kernels.py, the pure-PyTorch fallback.
+// (cuda_emulation_build.cpp) and, read by vquant_pl/ops/kernels.py, the pure-PyTorch fallback.
 #pragma once
 
 // codes: real weight codes [OC, IC, K] (float32); returns the SQuant-rounded codes clamped to [-n, n-1].

@@ -10,7 +10,7 @@ from torch import nn
 
 import vquant_pl as vq
 from vquant_pl.config import QuantConfig
-from vquant_pl.range_methods import METHODS
+from vquant_pl.methods.table import METHODS
 
 # the callback's documented differences from QuantConfig: None is the float baseline
 CALLBACK_DEFAULTS = {"weight_bits": 4}
@@ -74,7 +74,7 @@ def test_config_and_keywords_give_the_same_run():
 def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
     import warnings
 
-    from vquant_pl.cli import make_cli
+    from vquant_pl.cli.app import make_cli
 
     overrides = {"weight_bits": "6", "act_bits": "6", "rounding": "squant-c", "act_range": "bn", "sigma": "9.5",
                  "bn_k": "2.5", "aciq_stats": "bn", "bias_correction": "true", "bit_allocation": "true",

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import vquant_pl as vq
-from vquant_pl.affine import ActivationQuantizer
+from vquant_pl.ops.affine import ActivationQuantizer
 
 
 class Net(nn.Module):

@@ -1,18 +1,18 @@
 """vquant-pl: training-free, data-free quantization and evaluation of image classifiers."""
-from .affine import fake_quant_activation
+from .ops.affine import fake_quant_activation
 from .config import QuantConfig
 from .probe import Probe
 from .state import save_original
 from .quantize import (QUANTIZABLE, activation_ranges, is_quantized, quantizable_layers, quantization_report,
                        quantize_model, restore_model, set_activation_ranges)
-from .ranges import default_sigma, sigma_range
+from .methods.sigma import default_sigma, sigma_range
 from .report import LayerReport, QuantReport
-from .weights import quantize_weight
+from .ops.weights import quantize_weight
 
-from .aciq import aciq_range, allocate_bits, bias_correct
-from .quant_modules import (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, TensorQuantizer, calibrate,
+from .methods.aciq import aciq_range, allocate_bits, bias_correct
+from .nvidia.quant_modules import (QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, TensorQuantizer, calibrate,
                             quantized_layers)
-from .tensor_quant import QuantDescriptor, fake_tensor_quant, tensor_quant
+from .nvidia.tensor_quant import QuantDescriptor, fake_tensor_quant, tensor_quant
 from .models import Preprocessing, create_model
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Optional, Sequence, get_args
 
-from .affine import check_bits
+from .ops.affine import check_bits
 
 Rounding = Literal["nearest", "squant-e", "squant-k", "squant-c", "squant"]
 ActRange = Literal["bn", "sigma", "bn-mse", "aciq-laplace", "aciq-gauss", "max", "percentile", "mse", "entropy", "none"]
@@ -147,7 +147,7 @@ class QuantConfig:
         """`sigma`, or the paper's value for `act_bits`; None when activations stay float."""
         if not self.quantizes_activations:
             return None
-        from .ranges import default_sigma
+        from .methods.sigma import default_sigma
 
         return float(self.sigma) if self.sigma is not None else default_sigma(self.act_bits)
 

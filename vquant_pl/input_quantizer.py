@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .affine import ActivationQuantizer, ChannelActivationQuantizer
+from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer
 
 Quantizer = ActivationQuantizer | ChannelActivationQuantizer
 

@@ -15,18 +15,18 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backends
-from .aciq import allocate_bits, bias_correct
-from .affine import ActivationQuantizer, ChannelActivationQuantizer
-from .channel_ranges import bn_channel_quantizer
+from .ops import backends
+from .methods.aciq import allocate_bits, bias_correct
+from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer
+from .methods.channels import bn_channel_quantizer
 from .config import AciqStats, ActRange, Backend, BnBiasCorrection, QuantConfig, Rounding
 from .input_quantizer import InputQuantizer, Quantizer
 from .probe import Probe, make_probe
-from .range_methods import METHODS, RangeMethod
+from .methods.table import METHODS, RangeMethod
 from .report import LayerReport, QuantReport
 from .state import (LAYER, LayerState, RunInfo, has_state, input_quantizer, iter_states, restore_all, run_scope,
                     save_original)
-from .weights import check_weight, quantize_weight
+from .ops.weights import check_weight, quantize_weight
 
 #: Layer types whose weights and inputs are quantized (subclasses included).
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -109,7 +109,7 @@ def _layer_act_bits(config: QuantConfig, count: int) -> list[Optional[int]]:
 
 def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
     """Ranges from BatchNorm statistics (DFQ), before any probe; reasons where none."""
-    from .bn_ranges import bn_stats
+    from .methods.bn_graph import bn_stats
 
     config, method = plan.config, plan.method
     stats = bn_stats(model, [name for name, _ in plan.layers[1:]], QUANTIZABLE)
@@ -172,11 +172,11 @@ def apply_transforms(model: nn.Module, config: QuantConfig, save=save_original,
     (`equalize`, then `weight_clip`); `save(module, name)` is called before a tensor
     changes. True when one ran."""
     if config.equalize:
-        from .equalize import equalize
+        from .methods.equalize import equalize
 
         equalize(model, config.equalize_alpha, config.equalize_k, save=save)
     if config.weight_clip:
-        from .weight_clip import clip_weights
+        from .methods.weight_clip import clip_weights
 
         clip_weights(model, config.weight_bits, save=save, layers=layers)
     return config.equalize or config.weight_clip
@@ -274,7 +274,7 @@ def _attach_input_quantizers(plan: _Plan, rows: list[LayerReport]) -> list[Input
         given = plan.fixed.get(name)
         hook = InputQuantizer(name, bits, _channel_dim(layer), None if given is None or isinstance(given, str) else given)
         if plan.method.calibrated:
-            from .calib import make_calibrator
+            from .nvidia.calib import make_calibrator
 
             hook.mode, hook.calibrator = "collect", make_calibrator(config.act_range, bits, None, False)
         elif hook.quantizer is None:
@@ -332,7 +332,7 @@ def _correct_bias(model: nn.Module, plan: _Plan, hooks: list, rows: list[LayerRe
     mode = plan.config.bn_bias_correction
     if mode is None:
         return
-    from .bias_correct import correct_bias
+    from .methods.bn_bias_correction import correct_bias
 
     quantizers = {name: hook.quantizer for (name, _), hook in zip(plan.layers, hooks)
                   if hook is not None and hook.quantizer is not None}

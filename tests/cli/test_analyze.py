@@ -1,0 +1,74 @@
+"""Per-layer sensitivity (vquant_pl.cli.analyze) on a hand-built network with a known weak layer."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import vquant_pl as vq
+from vquant_pl.cli.analyze import analyze, layer_kind, main
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    with torch.no_grad():
+        net[3].weight[:, :, 0, 0] = torch.eye(8) * 0.01
+        net[3].weight[:, 0, 0, 0] = 1.0  # one large weight per row: at 2 bits the diagonal rounds away
+        for layer in (net[0], net[8]):  # weights in {0, 1} with both per row: exact on the affine grid
+            layer.weight.copy_((torch.rand_like(layer.weight) > 0.5).float())
+            layer.weight.view(layer.weight.shape[0], -1)[:, :2] = torch.tensor([0.0, 1.0])
+        for bn in (net[1], net[4]):
+            bn.weight.fill_(1.0)
+            bn.bias.fill_(0.5)
+    return net.eval()
+
+
+def test_weak_layer_ranks_first_and_rows_are_complete():
+    net = _net()
+    x = torch.randn(16, 3, 6, 6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rep = analyze(net, x, torch.zeros(16, dtype=torch.long), batch_size=8, weight_bits=2, act_bits=8,
+                  act_range="bn")
+    assert [r.name for r in rep.layers] == ["0", "3", "8"]
+    assert [r.kind for r in rep.layers] == ["stem", "conv", "fc"]
+    assert rep.sorted("weight_kl")[0].name == "3"
+    assert rep.layers[0].input_kl is None and rep.layers[0].act_bits is None  # first layer: input float
+    assert rep.layers[2].act_bits == 8  # last layer's input: 8 bits
+    assert all(0.0 <= r.clip_fraction <= 1.0 for r in rep.layers[1:])
+    assert 0.0 <= rep.full_agreement <= 1.0 and rep.float_top1 is not None
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the model is untouched
+    assert not vq.is_quantized(net)
+    table = rep.table()
+    assert table.index("| 1 | 3 | conv |") < table.index("| 0 | 0 | stem |")
+    assert set(rep.by_kind()) == {"stem", "conv", "fc"}
+
+
+def test_layer_kinds():
+    dw = nn.Conv2d(4, 4, 3, groups=4)
+    assert layer_kind("blocks.1._depthwise_conv", dw, 3, 10) == "depthwise"
+    assert layer_kind("blocks.1._expand_conv", nn.Conv2d(4, 8, 1), 3, 10) == "expand"
+    assert layer_kind("x", nn.Conv2d(4, 8, 1), 0, 10) == "stem"
+    assert layer_kind("fc", nn.Linear(4, 2), 9, 10) == "fc"
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="3 labels for 2 images"):
+        analyze(_net(), torch.randn(2, 3, 4, 4), torch.zeros(3, dtype=torch.long))
+
+
+def test_main_writes_table_csv_json_and_figure(tmp_path, capsys):
+    model_path = tmp_path / "net.pt"
+    torch.save(_net(), model_path)
+    data = tmp_path / "images.pt"
+    torch.save({"images": torch.randn(8, 3, 6, 6), "labels": torch.zeros(8, dtype=torch.long)}, data)
+    out = tmp_path / "an" / "net"
+    assert main([str(model_path), "--allow-pickle", "--images", str(data), "--num", "8", "--weight-bits", "2",
+                 "--act-bits", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | 3 | conv |" in printed
+    assert json.loads(out.with_suffix(".json").read_text())["num_images"] == 8
+    assert out.with_suffix(".csv").read_text().count("\n") == 4  # header + 3 layers
+    assert out.with_suffix(".png").stat().st_size > 1000

@@ -1,0 +1,164 @@
+"""NVIDIA pytorch-quantization 2.2.1 modules: TensorQuantizer settings, quant layers,
+initialize()/deactivate(), calibrate (issue 13, items 2, 3 and 7)."""
+
+import pytest
+import torch
+from torch import nn
+
+from vquant_pl.nvidia import quant_modules
+from vquant_pl.nvidia.quant_modules import (QuantConv2d, QuantLinear, TensorQuantizer, calibrate, deactivate, initialize,
+                                     quantized_layers)
+from vquant_pl.nvidia.tensor_quant import QuantDescriptor, fake_tensor_quant
+
+
+def test_tensor_quantizer_in_flight_fixed_and_per_channel():
+    x = torch.randn(4, 3, 5, 5)
+    dynamic = TensorQuantizer(QuantDescriptor(num_bits=8))
+    assert torch.equal(dynamic(x), fake_tensor_quant(x, x.abs().max(), 8, narrow_range=False))
+    fixed = TensorQuantizer(QuantDescriptor(num_bits=4, amax=1.0))
+    out = fixed(x)  # not narrow range: codes -8..7, so -8/7 * amax .. amax
+    assert out.max() <= 1.0 and out.min() == pytest.approx(-8 / 7) and fixed.amax.item() == 1.0
+    per_channel = TensorQuantizer(QuantDescriptor(num_bits=8, axis=0))
+    amax = x.abs().amax(dim=(1, 2, 3), keepdim=True)
+    assert torch.equal(per_channel(x), fake_tensor_quant(x, amax, 8, narrow_range=False))
+    last = TensorQuantizer(QuantDescriptor(num_bits=8, axis=-1))  # negative axes count from the end
+    assert torch.equal(last(x), fake_tensor_quant(x, x.abs().amax(dim=(0, 1, 2), keepdim=True), 8, narrow_range=False))
+
+
+def test_settings_changed_after_construction_are_used():
+    # item 2: num_bits / unsigned / narrow_range are mutable and the next forward uses them
+    x = torch.tensor([0.3, 0.6, -1.0, 0.9])
+    q = TensorQuantizer(QuantDescriptor(amax=1.0))
+    q.num_bits = 2  # codes -2..1 of step 1: round(0.3)=0, round(0.6)=1, -1, 1
+    assert q(x).tolist() == [0.0, 1.0, -1.0, 1.0]
+    q.narrow_range = True
+    assert q(torch.tensor([-1.0])).tolist() == [-1.0]
+    q.num_bits, q.narrow_range, q.unsigned = 3, False, True  # codes 0..7 of step 1/7
+    assert torch.equal(q(x.abs()), fake_tensor_quant(x.abs(), 1.0, 3, unsigned=True, narrow_range=False))
+    with pytest.raises(AttributeError, match="axis"):
+        q.axis = 0  # read-only, as NVIDIA's
+    with pytest.raises(ValueError, match="num_bits must be a positive integer"):
+        q.num_bits = 0
+    with pytest.raises(AttributeError, match="no setting 'pre_quant_scale'"):
+        q.pre_quant_scale = torch.tensor(2.0)  # was stored and ignored
+
+
+def test_zero_amax_quantizer_outputs_zero():
+    # item 3: an amax set to 0 gives 0 (was 1e-12)
+    q = TensorQuantizer()
+    q.amax = 0.0
+    assert q(torch.tensor([0.3, -5.0])).tolist() == [0.0, 0.0]
+    per_channel = TensorQuantizer(QuantDescriptor(axis=0))
+    out = per_channel(torch.tensor([[0.0, 0.0], [1.0, -0.5]]))  # channel 0's in-flight amax is 0
+    assert out[0].tolist() == [0.0, 0.0] and out[1, 0].item() == 1.0
+
+
+def test_amax_setter_and_state_dict():
+    q = TensorQuantizer(QuantDescriptor(axis=0))
+    q.amax = torch.tensor([[1.0], [2.0]])
+    with pytest.raises(TypeError, match=r"Changing shape when setting amax is not allowed: \(2, 1\) -> \(3, 1\)"):
+        q.amax = torch.ones(3, 1)
+    q.amax = torch.tensor([[3.0], [4.0]])
+    assert q.amax.tolist() == [[3.0], [4.0]] and torch.equal(q.step_size, q.amax / 127.0)
+    fresh = TensorQuantizer(QuantDescriptor(axis=0))  # dynamic: no amax buffer yet
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.amax.tolist() == [[3.0], [4.0]]
+    with pytest.raises(RuntimeError, match="Calibrator returned None"):
+        TensorQuantizer().load_calib_amax()
+    lenient = TensorQuantizer()
+    lenient.load_calib_amax(strict=False)
+    assert lenient.amax.isnan().item()
+
+
+def test_scale_amax_learn_amax_and_integer_mode():
+    x = torch.tensor([-3.0, 0.5, 2.5, 1.0], requires_grad=True)
+    half = TensorQuantizer(QuantDescriptor(amax=2.0, scale_amax=0.5))  # amax 1.0 in use
+    assert torch.equal(half(x), fake_tensor_quant(x, 1.0, 8, narrow_range=False))
+    learned = TensorQuantizer(QuantDescriptor(amax=2.0, learn_amax=True))
+    assert learned.clip.clip_value_max.item() == 2.0 and learned.clip.clip_value_min.item() == -2.0
+    learned(x).sum().backward()
+    # inside (-2, 2) the gradient passes; the clip bounds get the gradients of what they clip
+    assert x.grad.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert learned.clip.clip_value_max.grad.item() == 1.0 and learned.clip.clip_value_min.grad.item() == 1.0
+    with pytest.raises(ValueError, match="learn_amax is False. Cannot enable clip."):
+        TensorQuantizer(if_clip=True)
+    integer = TensorQuantizer(QuantDescriptor(amax=1.0, fake_quant=False, narrow_range=False))
+    # integer codes; NVIDIA's quantizer uses tensor_quant's narrow range here whatever the descriptor says
+    assert integer(torch.tensor([-1.0, 0.5])).tolist() == [-127.0, 64.0] and integer.scale.item() == 127.0
+
+
+def test_quant_layers_expose_their_quantizers():
+    # item 7: input_quantizer / weight_quantizer, class defaults, fake quantization only
+    layer = QuantLinear(3, 2, quant_desc_input=QuantDescriptor(num_bits=4))
+    assert layer.input_quantizer is layer._input_quantizer and layer.input_quantizer.num_bits == 4
+    assert layer.weight_quantizer.axis == 0 and QuantConv2d(1, 2, 1).weight_quantizer.axis == 0
+    with pytest.raises(ValueError, match="Only fake quantization is supported!"):
+        QuantLinear(3, 2, quant_desc_weight=QuantDescriptor(fake_quant=False))
+    try:
+        QuantConv2d.set_default_quant_desc_input(QuantDescriptor(num_bits=6))
+        assert QuantConv2d(1, 1, 1).input_quantizer.num_bits == 6 and QuantLinear(1, 1).input_quantizer.num_bits == 8
+    finally:
+        QuantConv2d.set_default_quant_desc_input(QuantDescriptor(num_bits=8))
+    with pytest.raises(ValueError, match="is not an instance of QuantDescriptor"):
+        QuantLinear.set_default_quant_desc_weight(8)
+
+
+def test_initialize_and_deactivate():
+    original_conv, original_linear = nn.Conv2d, nn.Linear
+    try:
+        initialize(float_module_list=["Linear"])
+        initialize()  # twice: deactivate still brings back the float classes
+        assert nn.Conv2d is QuantConv2d and isinstance(nn.Conv2d(1, 1, 1), QuantConv2d)
+        assert nn.Linear is QuantLinear
+    finally:
+        deactivate()
+    assert nn.Conv2d is original_conv and nn.Linear is original_linear
+    try:
+        initialize(custom_quant_modules=[(nn, "Linear", QuantLinear)], float_module_list=["Linear", "Conv2d"])
+        assert nn.Linear is QuantLinear and nn.Conv2d is original_conv
+    finally:
+        deactivate()
+    assert nn.Linear is original_linear and quant_modules._ORIGINALS == {}
+
+
+def test_drop_in_layers_and_context_manager():
+    import torchvision
+
+    original = nn.Conv2d
+    with quantized_layers():
+        model = torchvision.models.resnet18(num_classes=10)
+    assert nn.Conv2d is original  # restored
+    assert isinstance(model.conv1, QuantConv2d) and isinstance(model.fc, QuantLinear)
+    conv = model.conv1
+    x = torch.rand(2, 3, 32, 32)
+    xq = fake_tensor_quant(x, x.abs().max(), 8, narrow_range=False)
+    wq = fake_tensor_quant(conv.weight, conv.weight.detach().abs().amax((1, 2, 3), keepdim=True), 8, narrow_range=False)
+    assert torch.equal(conv(x), nn.functional.conv2d(xq, wq, None, conv.stride, conv.padding))
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "mse", "entropy"])
+def test_calibrators(method):
+    layer = QuantLinear(16, 4, quant_desc_input=QuantDescriptor(num_bits=8, calib_method=method))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(256, 16, generator=g) for _ in range(3)]
+    batches[0][0, 0] = 40.0  # one outlier (in the first batch: the histogram keeps 2048 bins)
+    kwargs = {"percentile": 99.9} if method == "percentile" else {}  # 99.99 of 8192 values is the outlier
+    assert calibrate(layer, batches, num_batches=2, **kwargs) == 2
+    amax = layer.input_quantizer.amax.item()
+    if method == "max":
+        assert amax == 40.0
+    else:
+        assert 2.0 < amax < 40.0  # the histogram methods clip the outlier
+    assert torch.equal(layer.weight_quantizer.amax, layer.weight.detach().abs().amax(1, keepdim=True))
+    assert layer.input_quantizer._if_quant and not layer.input_quantizer._if_calib
+
+
+def test_histogram_descriptor_needs_a_method():
+    q = TensorQuantizer(QuantDescriptor(calib_method="histogram"), if_calib=True)
+    q(torch.arange(100.0))
+    with pytest.raises(TypeError, match="calib_method 'histogram' needs a method"):
+        q.load_calib_amax()
+    q.load_calib_amax("percentile", percentile=90)
+    assert q.amax.item() == 1841 * 99 / 2048
+    with pytest.raises(NotImplementedError, match="per tensor only"):
+        TensorQuantizer(QuantDescriptor(calib_method="histogram", axis=0))

@@ -1,0 +1,333 @@
+"""Per-layer sensitivity: where does a quantization setting lose its accuracy?
+
+For a model, a batch of images and a setting (the keyword arguments of `quantize_model`,
+plus the pre-quantization transforms of `vquant_pl.cli.recipes`), the model is quantized once
+to learn every layer's quantized weight and input range; then, on the float model, only
+one layer's weights, or only one layer's input, is quantized at a time and the damage is
+measured against the float model: KL divergence of the softmax outputs (the sort key, it
+resolves small differences that top-1 on a few images cannot), agreement of the top-1
+predictions, and top-1 when labels are given. Each row also carries the weight's relative
+error `||Wq - W|| / ||W||` and, for the input, the fraction of values outside the range
+(clipping) as the float model sees them.
+
+    vquant analyze efficientnet_lite:lite0 --images runs/recipes/lite0_sample.pt --num 32 \
+        --weight-bits 4 --act-bits 4 --act-range bn --out runs/analyze/lite0_w4a4
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["LayerSensitivity", "SensitivityReport", "analyze", "layer_kind", "main"]
+
+
+@dataclass
+class LayerSensitivity:
+    """One layer: the damage when only its weights (`weight_*`) or only its input (`input_*`)
+    is quantized; `None` where its input stays float (the first layer)."""
+
+    index: int
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    weight_kl: float
+    weight_agreement: float
+    weight_top1: float | None
+    weight_rel_error: float
+    input_kl: float | None = None
+    input_agreement: float | None = None
+    input_top1: float | None = None
+    act_bits: int | None = None
+    act_lo: float | None = None
+    act_hi: float | None = None
+    clip_fraction: float | None = None  # share of input values outside [lo, hi]
+
+    @property
+    def damage(self) -> float:
+        """The larger of the two KL divergences: the sort key."""
+        return max(self.weight_kl, self.input_kl or 0.0)
+
+
+@dataclass
+class SensitivityReport:
+    """All layers of one analysis, with the float and fully quantized scores."""
+
+    setting: dict
+    num_images: int
+    float_top1: float | None
+    full_top1: float | None
+    full_agreement: float
+    full_kl: float
+    layers: list[LayerSensitivity] = field(default_factory=list)
+
+    def sorted(self, key: str = "damage") -> list[LayerSensitivity]:
+        """Layers, most damaging first (`key`: `damage`, `weight_kl` or `input_kl`)."""
+        return sorted(self.layers, key=lambda r: -(getattr(r, key) or 0.0))
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Sum of weight and input KL per layer kind (stem, expand, depthwise, ...)."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self.layers:
+            d = out.setdefault(r.kind, {"layers": 0, "weight_kl": 0.0, "input_kl": 0.0})
+            d["layers"] += 1
+            d["weight_kl"] += r.weight_kl
+            d["input_kl"] += r.input_kl or 0.0
+        return out
+
+    def table(self, top: int | None = None) -> str:
+        """A Markdown table, sorted by damage (the `top` rows only if given)."""
+        head = ("| # | layer | kind | W KL | W agree | W rel err | in KL | in agree | in range | clipped |\n"
+                "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+        rows = []
+        for r in self.sorted()[:top]:
+            rng = "float" if r.act_bits is None else f"{r.act_bits}b [{r.act_lo:.3g}, {r.act_hi:.3g}]"
+            rows.append(f"| {r.index} | {r.name} | {r.kind} | {r.weight_kl:.4f} | {r.weight_agreement:.2f} | "
+                        f"{r.weight_rel_error:.3f} | {_fmt(r.input_kl, '.4f')} | {_fmt(r.input_agreement, '.2f')} | "
+                        f"{rng} | {_fmt(r.clip_fraction, '.2e')} |")
+        summary = (f"float top-1 {_fmt(self.float_top1, '.3f')}, fully quantized top-1 {_fmt(self.full_top1, '.3f')}, "
+                   f"agreement {self.full_agreement:.3f}, KL {self.full_kl:.4f} ({self.num_images} images)")
+        return "\n".join([summary, "", head, *rows])
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items()}, indent=1)
+
+    def write_csv(self, path: str | Path) -> None:
+        rows = [asdict(r) for r in self.sorted()]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def plot(self, path: str | Path, top: int = 30) -> None:
+        """A horizontal bar figure of the `top` most damaging layers (weight and input KL)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.sorted()[:top][::-1]
+        y = range(len(rows))
+        fig, ax = plt.subplots(figsize=(8, 0.25 * len(rows) + 1.5))
+        ax.barh([i + 0.2 for i in y], [r.weight_kl for r in rows], height=0.4, label="only weights quantized")
+        ax.barh([i - 0.2 for i in y], [r.input_kl or 0.0 for r in rows], height=0.4, label="only input quantized")
+        ax.set_yticks(list(y), [f"{r.name} ({r.kind})" for r in rows], fontsize=7)
+        ax.set_xlabel("KL(float || quantized), mean over images")
+        s = self.setting
+        ax.set_title(f"W{s.get('weight_bits')}A{s.get('act_bits')} {s.get('act_range', '')}: "
+                     f"full top-1 {_fmt(self.full_top1, '.2f')} vs float {_fmt(self.float_top1, '.2f')}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def layer_kind(name: str, layer: nn.Module, index: int, count: int) -> str:
+    """`stem` (first), `fc` (last Linear), `depthwise`, `expand`/`project`/`head` by name, else
+    `conv`/`linear`."""
+    if index == 0:
+        return "stem"
+    if isinstance(layer, nn.Linear):
+        return "fc" if index == count - 1 else "linear"
+    if getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels:
+        return "depthwise"
+    low = name.lower()
+    for word in ("expand", "project", "head", "se_reduce", "se_expand"):
+        if word in low:
+            return word
+    return "conv"
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _scores(logits: Tensor, ref_logp: Tensor, labels: Tensor | None) -> tuple[float, float, float | None]:
+    logp = F.log_softmax(logits.float(), 1)
+    kl = float((ref_logp.exp() * (ref_logp - logp)).sum(1).mean())
+    agreement = float((logits.argmax(1) == ref_logp.argmax(1)).float().mean())
+    top1 = None if labels is None else float((logits.argmax(1) == labels).float().mean())
+    return kl, agreement, top1
+
+
+@torch.no_grad()
+def analyze(model: nn.Module, images: Tensor, labels: Tensor | None = None, batch_size: int = 32,
+            **settings) -> SensitivityReport:
+    """Measure each layer's sensitivity to quantization, one layer at a time.
+
+    Args:
+        model: a float classifier; it is not modified (the analysis runs on a deep copy).
+        images: evaluation inputs `[N, C, H, W]` (a few dozen are enough for KL).
+        labels: optional class indices, for top-1 columns.
+        batch_size: images per forward.
+        **settings: the setting, as for `quantize_model` (`QuantConfig` fields).
+            Pre-quantization transforms are applied to the copy first: the float reference is
+            the transformed model. Post-quantization corrections count in the full score only.
+
+    Returns:
+        A `SensitivityReport`; `.table()`, `.plot(path)`, `.sorted()`.
+
+    Raises:
+        ValueError: on an empty image batch or mismatched labels.
+
+    Example:
+        >>> rep = analyze(model, images[:32], labels[:32], weight_bits=4, act_bits=4, act_range="bn")
+        >>> print(rep.table(top=10))
+    """
+    from .. import quantize as qz
+    from ..config import QuantConfig
+
+    if images.dim() < 2 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    work = copy.deepcopy(model).eval()
+    config = QuantConfig.from_kwargs(**settings)
+    # the transforms on the copy, for good: the float reference is the transformed model
+    qz.apply_transforms(work, config, save=lambda module, name: True)
+    config = config.replace(equalize=False, weight_clip=False)
+    layers = qz.quantizable_layers(work)
+    float_logits = _logits(work, images, batch_size)
+    ref_logp = F.log_softmax(float_logits.float(), 1)
+    float_top1 = None if labels is None else float((float_logits.argmax(1) == labels).float().mean())
+    floats = [layer.weight.detach().clone() for _, layer in layers]
+
+    qz.quantize_model(work, config=config)
+    try:
+        full_kl, full_agree, full_top1 = _scores(_logits(work, images, batch_size), ref_logp, labels)
+        quantized = [layer.weight.detach().clone() for _, layer in layers]
+        ranges = qz.activation_ranges(work)
+    finally:
+        qz.restore_model(work)
+    for (_, layer), w in zip(layers, floats):  # the transformed float weights, whatever restore did
+        layer.weight.copy_(w)
+
+    quantizers = [None if r is None else _make_quantizer(r, layer) for r, (_, layer) in zip(ranges, layers)]
+    clipped = _clip_fractions(work, layers, quantizers, images, batch_size)
+    report = SensitivityReport(dict(settings), len(images), float_top1, full_top1,
+                               full_agree, full_kl)
+    for i, (name, layer) in enumerate(layers):
+        layer.weight.copy_(quantized[i])
+        try:
+            w_kl, w_agree, w_top1 = _scores(_logits(work, images, batch_size), ref_logp, labels)
+        finally:
+            layer.weight.copy_(floats[i])
+        rel = float((quantized[i].float() - floats[i].float()).norm() / floats[i].float().norm().clamp_min(1e-12))
+        row = LayerSensitivity(i, name, layer_kind(name, layer, i, len(layers)), tuple(layer.weight.shape),
+                               w_kl, w_agree, w_top1, rel)
+        q = quantizers[i]
+        if q is not None:
+            handle = layer.register_forward_pre_hook(lambda m, a, q=q: (q(a[0]), *a[1:]))
+            try:
+                row.input_kl, row.input_agreement, row.input_top1 = _scores(
+                    _logits(work, images, batch_size), ref_logp, labels)
+            finally:
+                handle.remove()
+            row.act_bits, row.act_lo, row.act_hi = q.bits, q.lo, q.hi
+            row.clip_fraction = clipped[i]
+        report.layers.append(row)
+    return report
+
+
+def _make_quantizer(r: tuple, layer: nn.Module):
+    from ..ops.affine import ActivationQuantizer, ChannelActivationQuantizer
+
+    if isinstance(r[0], Tensor):
+        return ChannelActivationQuantizer(*r, dim=-1 if isinstance(layer, nn.Linear) else 1)
+    return ActivationQuantizer(*r)
+
+
+@torch.no_grad()
+def _clip_fractions(model, layers, quantizers, images, batch_size) -> list[float | None]:
+    """Per layer, the share of its (float) input values outside the quantizer's range."""
+    counts = [[0, 0] for _ in layers]
+    handles = []
+    for i, ((_, layer), q) in enumerate(zip(layers, quantizers)):
+        if q is None:
+            continue
+
+        def hook(m, a, i=i, q=q):
+            x = a[0]
+            lo, hi = (q.channel_lo, q.channel_hi) if hasattr(q, "channel_lo") else (q.lo, q.hi)
+            if isinstance(lo, Tensor):
+                shape = [1] * x.dim()
+                shape[q.dim % x.dim()] = -1
+                lo, hi = lo.view(shape), hi.view(shape)
+            counts[i][0] += int(((x < lo) | (x > hi)).sum())
+            counts[i][1] += x.numel()
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        _logits(model, images, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return [None if q is None else c[0] / max(c[1], 1) for q, c in zip(quantizers, counts)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vquant analyze MODEL --images FILE [...]`: print the table, write CSV, JSON and a PNG.
+
+    `--images` is a `.pt` file holding a tensor or a dict with `images` (and `labels`).
+    Returns the exit status (0 on success, 2 on a bad argument).
+    """
+    p = argparse.ArgumentParser(prog="vquant analyze", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="a create_model spec, e.g. efficientnet_lite:lite0")
+    p.add_argument("--images", required=True, help=".pt file: a tensor, or a dict with 'images' and 'labels'")
+    p.add_argument("--num", type=int, default=32, help="images used (first N; default 32)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--weight-bits", type=int, default=4)
+    p.add_argument("--act-bits", type=int, default=4)
+    p.add_argument("--act-range", default=None, help="default: the recipe's, else QuantConfig's")
+    p.add_argument("--rounding", default=None, help="default: the recipe's, else QuantConfig's")
+    p.add_argument("--recipe", default=None, help="a recipe name (vquant_pl.cli.recipes.RECIPES) or a YAML file "
+                   "of configs/recipes/; --act-range etc. still apply")
+    p.add_argument("--top", type=int, default=20, help="rows printed (all are written to CSV)")
+    p.add_argument("--out", default=None, help="output prefix for .csv, .json and .png")
+    p.add_argument("--allow-pickle", action="store_true", help="MODEL is a whole pickled model you trust")
+    args = p.parse_args(argv)
+    path = Path(args.images)
+    if not path.is_file():
+        p.error(f"--images {path} not found")
+    data = torch.load(path, map_location="cpu")
+    images, labels = (data["images"], data.get("labels")) if isinstance(data, dict) else (data, None)
+    images = images[:args.num]
+    labels = None if labels is None else labels[:args.num]
+    from ..models import create_model
+
+    model, _ = create_model(args.model, allow_pickle=args.allow_pickle)
+    quant = {}
+    if args.recipe:
+        from .recipes import load_recipe
+
+        quant.update(load_recipe(args.recipe))
+    quant.update({k: v for k, v in (("weight_bits", args.weight_bits), ("act_bits", args.act_bits),
+                                    ("act_range", args.act_range), ("rounding", args.rounding)) if v is not None})
+    report = analyze(model.eval(), images, labels, args.batch_size, **quant)
+    print(report.table(args.top))
+    print("\nby kind (sum of KL):")
+    for kind, d in sorted(report.by_kind().items(), key=lambda kv: -kv[1]["weight_kl"] - kv[1]["input_kl"]):
+        print(f"  {kind:10s} {int(d['layers']):3d} layers  weight {d['weight_kl']:.4f}  input {d['input_kl']:.4f}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report.write_csv(out.with_suffix(".csv"))
+        out.with_suffix(".json").write_text(report.to_json())
+        report.plot(out.with_suffix(".png"))
+        print(f"wrote {out}.csv, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""The `vquant` command: LightningCLI for `test`/`validate`/`predict`, plus `sweep`,
+`selftest` and `build-kernels`.
+
+    vquant test --config paper/resnet18_w4a4 --data.root /data/imagenet --trainer.devices 4
+    vquant sweep quickstart/w8a8 quickstart/w4a4 [--out runs/sweep] [--data.root /data/imagenet]
+    vquant selftest
+    vquant build-kernels
+    vquant analyze efficientnet_lite:lite0 --images FILE
+
+`--config NAME` takes a file, or the name of a config shipped with the package
+(`paper/resnet18_w4a4`, `quickstart/w8a8`, ...; `vquant_pl.cli.app.shipped_configs()` lists them).
+The CLI writes only into the log dir (the logger's, or an explicit
+`--trainer.default_root_dir`) and never overwrites a file: with `logger: false` and no root
+dir it saves no config at all, and a config name already taken gets `config_1.yaml`, ...
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .._lightning import active_namespace, variant
+from ..classifier import ImageClassifier
+
+PACKAGE_CONFIGS = Path(__file__).parents[1] / "configs"  # installed wheel
+REPO_CONFIGS = Path(__file__).parents[2] / "configs"  # source tree (the top-level configs/)
+
+EVAL_COMMANDS = {
+    "test": "Evaluate the model on the test data, quantized by the `quant` settings (top-1, top-5, loss).",
+    "validate": "Evaluate on the validation data (quantized when quant.stages includes validate).",
+    "predict": "Return the model's logits (quantized when quant.stages includes predict).",
+}
+EXTRA_COMMANDS = {
+    "sweep": "Run configs one after another; results.md/.csv after every run, plots, per-run reports.",
+    "selftest": "Check every SQuant backend present on the golden cases and time them.",
+    "build-kernels": "Build the native SQuant kernels ahead of first use.",
+    "analyze": "Per-layer sensitivity of a model to quantization (table, CSV, JSON, PNG).",
+}
+TOOLS = {"selftest": "vquant_pl.cli.selftest", "build-kernels": "vquant_pl.ops.kernels", "analyze": "vquant_pl.cli.analyze"}
+#: Trainer arguments that only matter for training (`fit`), which `vquant` does not offer.
+FIT_ONLY = {"max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
+            "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
+            "log_every_n_steps", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
+            "detect_anomaly", "reload_dataloaders_every_n_epochs", "enable_autolog_hparams", "model_registry"}
+
+
+def configs_dir() -> Path:
+    """The folder of the shipped configs (inside the package when installed from a wheel,
+    the repository's `configs/` in a source checkout)."""
+    return PACKAGE_CONFIGS if PACKAGE_CONFIGS.is_dir() else REPO_CONFIGS
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, e.g. `paper/resnet18_w4a4`."""
+    root = configs_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def resolve_config(name: str | os.PathLike) -> Path:
+    """A config file: `name` itself when it exists, else the shipped config of that name
+    (`paper/resnet18_w4a4`, with or without `.yaml`, also `configs/paper/...`).
+
+    Raises:
+        FileNotFoundError: neither exists; close shipped names are listed.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    text = path.as_posix()
+    for prefix in ("configs/", "vquant_pl/configs/"):
+        text = text[len(prefix):] if text.startswith(prefix) else text
+    text = text[:-5] if text.endswith(".yaml") else text[:-4] if text.endswith(".yml") else text
+    shipped = configs_dir() / f"{text}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(text, shipped_configs(), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped configs are in {configs_dir()}"
+    raise FileNotFoundError(f"config {name} is neither a file nor a shipped config name{hint}")
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = str(resolve_config(out[i + 1]))
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + str(resolve_config(arg.split("=", 1)[1]))
+    return out
+
+
+class SpecClassifier(ImageClassifier):
+    """The classifier of the `vquant` CLI: the model comes from a `create_model` spec.
+
+    Args:
+        model: `pytorchcv:<name>`, `timm:<name>`, `torchvision:<name>`,
+            `efficientnet_lite:lite0..lite4`, or the path of a whole saved model (needs `allow_pickle`).
+        num_classes: number of classes of the logits.
+        pretrained: load the pretrained weights (false: random initialization).
+        checkpoint: a state_dict file (plain or a Lightning checkpoint's), loaded with weights_only=True.
+        allow_pickle: allow unpickling a whole saved model given as `model`; unpickling runs code
+            from the file, so only for files you trust.
+    """
+
+    def __init__(self, model: str, num_classes: int = 1000, pretrained: bool = True,
+                 checkpoint: Optional[str] = None, allow_pickle: bool = False):
+        super().__init__(model, num_classes=num_classes, pretrained=pretrained, checkpoint=checkpoint,
+                         allow_pickle=allow_pickle)
+
+
+def _fresh(path: Path) -> Path:
+    """`path`, or `stem_1.suffix`, `stem_2.suffix`, ... : the first name not taken."""
+    candidate, i = path, 0
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{path.stem}_{i}{path.suffix}")
+    return candidate
+
+
+def _cli_classes(namespace: str):
+    """The LightningCLI and SaveConfigCallback subclasses for a Lightning namespace."""
+    cli = importlib.import_module(f"{namespace}.cli")
+
+    class SafeSaveConfig(cli.SaveConfigCallback):
+        """Saves the resolved config into the log dir, never over an existing file, and not at
+        all when there is no log dir (no logger and no explicit `--trainer.default_root_dir`)."""
+
+        saved_path: Path | None = None
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if self.already_saved:
+                return
+            implicit = trainer.logger is None and Path(trainer.default_root_dir).resolve() == Path.cwd().resolve()
+            if not implicit:
+                log_dir = trainer.log_dir  # broadcast by Lightning
+                if trainer.is_global_zero and log_dir:
+                    path = _fresh(Path(log_dir) / self.config_filename)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self.parser.save(self.config, str(path), skip_none=False, overwrite=False,
+                                     multifile=self.multifile)
+                    self.saved_path = path
+            self.already_saved = True
+
+    class VQuantCLI(cli.LightningCLI):
+        """LightningCLI with the quantization callback as the group `quant`, the model's
+        preprocessing passed to the data module, and only the evaluation subcommands."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {name: {"model", "dataloaders", "datamodule"} for name in ("test", "validate", "predict")}
+
+        def add_core_arguments_to_parser(self, parser) -> None:
+            parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
+                                       sub_configs=True, skip=FIT_ONLY)
+            parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+            parser.add_lightning_class_args(self._model_class, "model")
+            parser.add_lightning_class_args(self._datamodule_class, "data")
+
+        def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            parser.set_defaults({"weights_only": True})  # --ckpt_path loads no pickled code
+            return parser
+
+        def _add_subcommands(self, parser, **kwargs) -> None:
+            self._subcommand_parsers = {}
+            subcommands = parser.add_subcommands()
+            for name, text in EVAL_COMMANDS.items():
+                self._subcommand_parsers[name] = self._prepare_subcommand_parser(self.trainer_class, name,
+                                                                                 description=text)
+                subcommands.add_subcommand(name, self._subcommand_parsers[name], help=text)
+            for name, text in EXTRA_COMMANDS.items():  # run by main() before LightningCLI; listed in --help
+                subcommands.add_subcommand(name, self.init_parser(description=text), help=text)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            from ..callbacks import VQuantCallback
+
+            # `probe` (a tensor) is for Python use; the CLI has probe_seed/probe_shape
+            parser.add_class_arguments(variant(VQuantCallback, namespace), "quant", skip={"probe"},
+                                       fail_untyped=False, sub_configs=True)
+            parser.callback_keys.append("quant")
+            parser.link_arguments("model.preprocessing", "data.preprocessing", apply_on="instantiate")
+
+    return VQuantCLI, SafeSaveConfig
+
+
+@contextlib.contextmanager
+def _argv(args: list[str]):
+    old = sys.argv
+    sys.argv = ["vquant", *args]  # LightningCLI reads sys.argv (passing args= beside it warns)
+    try:
+        yield
+    finally:
+        sys.argv = old
+
+
+def make_cli(args: list[str] | None = None, run: bool = True, save_config: bool = True):
+    """Build (and with `run`, run) the `vquant` LightningCLI on `args` (default: `sys.argv[1:]`).
+
+    Args:
+        args: command-line arguments, e.g. `["test", "--config", "paper/resnet18_w4a4"]`.
+        run: run the subcommand; False parses and instantiates only (no subcommand then).
+        save_config: save the resolved config into the log dir (never over a file).
+
+    Example:
+        >>> cli = make_cli(["--config", "quickstart/w8a8", "--model.pretrained", "false"], run=False)
+        >>> type(cli.model).__name__
+        'SpecClassifier'
+    """
+    from ..datamodules import ImageNetDataModule
+
+    args = _resolve_config_args(sys.argv[1:] if args is None else list(args))
+    namespace = active_namespace()
+    cli_class, save_class = _cli_classes(namespace)
+    with _argv(args):
+        return cli_class(variant(SpecClassifier, namespace), variant(ImageNetDataModule, namespace), run=run,
+                         subclass_mode_model=False, subclass_mode_data=False, auto_configure_optimizers=False,
+                         save_config_callback=save_class if save_config else None,
+                         trainer_defaults={"enable_checkpointing": False, "enable_model_summary": False})
+
+
+def _tool(name: str, argv: list[str]) -> int:
+    module_name = TOOLS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(f"vquant {name}: not available in this installation ({module_name} is missing)", file=sys.stderr)
+        return 2
+    return int(module.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vquant` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "sweep":
+        from .sweep import main as sweep_main
+
+        rows = sweep_main(argv[1:])
+        return 1 if any(r.get("status", "ok") != "ok" for r in rows) else 0
+    if argv and argv[0] in TOOLS:
+        return _tool(argv[0], argv[1:])
+    try:
+        make_cli(argv)
+    except FileNotFoundError as err:
+        if "shipped config" not in str(err):
+            raise
+        print(f"vquant: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""`vquant sweep`: run a list of configs, keep one results table (Markdown, CSV) current after
+every run, plot it, and keep each run's config, quantization report and per-layer figure.
+
+    vquant sweep paper/resnet18_w4a4 paper/resnet18_fp32 --out runs/sweep [--data.root /data/imagenet ...]
+    vquant sweep configs/quickstart/*.yaml [--fail-fast]
+
+Configs are files or names of shipped configs (`quickstart/*` globs among them). Arguments
+after the configs that start with `--` are passed to every run (LightningCLI overrides).
+A run that fails becomes a row with its reason (`--fail-fast` stops there instead). On an
+unlabeled image set (the data module's `root: null`) each run is scored against its
+model's float predictions on the same images: top-1/top-5 agreement, the mean KL divergence
+of the float softmax to the quantized one, and the mean cosine similarity of the logits.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .paper import paper_top1
+
+COLUMNS = ["config", "model", "bits", "method", "top1", "top5", "kl", "cosine", "paper_top1", "diff", "quant_ms",
+           "samples", "skipped", "scored_by", "status"]
+HEADERS = ["config", "model", "bits", "method", "top-1", "top-5", "KL", "cosine", "paper top-1", "diff", "quant ms",
+           "samples", "skipped", "scored by", "status"]
+
+
+def fidelity(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """How close `logits` (quantized model) are to `reference` (float model) on the same images.
+
+    Returns `top1` (% of images whose top-1 class is the float top-1), `top5` (% whose top-5
+    holds the float top-1), `kl` (mean KL divergence of the float softmax to the quantized
+    one, nats; 0 is identical) and `cosine` (mean cosine similarity of the logit vectors; 1
+    is identical). Unlike agreement, KL and cosine do not hinge on a few images whose float
+    prediction is itself a near tie, so they are stable on a dozen unlabeled photographs.
+
+    Example:
+        >>> x = torch.tensor([[2.0, 1.0, 0.0]])
+        >>> fidelity(x, x)
+        {'top1': 100.0, 'top5': 100.0, 'kl': 0.0, 'cosine': 1.0}
+    """
+    if reference.shape != logits.shape:
+        raise ValueError(f"reference logits {tuple(reference.shape)} and logits {tuple(logits.shape)} differ in shape")
+    ref, out = reference.double(), logits.double()
+    target = ref.argmax(1)
+    k = min(5, ref.shape[1])
+    log_p, log_q = ref.log_softmax(1), out.log_softmax(1)
+    return {"top1": round(100 * (out.argmax(1) == target).double().mean().item(), 2),
+            "top5": round(100 * (out.topk(k, 1).indices == target[:, None]).any(1).double().mean().item(), 2),
+            "kl": round(max((log_p.exp() * (log_p - log_q)).sum(1).mean().item(), 0.0), 5),
+            "cosine": round(torch.nn.functional.cosine_similarity(ref, out, dim=1).mean().item(), 5)}
+
+
+def _method(settings: dict) -> str:
+    text = f"{settings['rounding']}/{settings['act_range'] if settings['act_bits'] else 'none'}"
+    if settings["act_bits"] and settings["act_range"].startswith("aciq-") and settings.get("aciq_stats") == "bn":
+        text += "(bn)"
+    flags = {"equalize": "+eq", "weight_clip": "+clip", "bias_correction": "+bias-corr", "bit_allocation": "+bit-alloc",
+             "act_bit_allocation": "+act-bit-alloc"}
+    text += "".join(tag for key, tag in flags.items() if settings.get(key))
+    if settings.get("bn_bias_correction"):
+        text += f"+bn-bias-corr({settings['bn_bias_correction']})"
+    return text
+
+
+def _callback(trainer):
+    from ..callbacks import VQuantCallback
+
+    return next((c for c in trainer.callbacks if isinstance(c, VQuantCallback)), None)
+
+
+def _logits(trainer, model, data) -> torch.Tensor:
+    return torch.cat([b.float().cpu() for b in trainer.predict(model, datamodule=data)])
+
+
+def run_config(config: str | Path, overrides: list[str], reference_cache: dict, run_dir: Path | None = None,
+               against_float: bool = False) -> dict:
+    """One config's run; its resolved config, `vquant_report.json` and `layers.png` go to `run_dir`.
+    Scored by the labels, or, on unlabeled data or with `against_float`, against the float model."""
+    from .app import make_cli
+    from .plots import layer_figure, save
+
+    config = Path(config)
+    if run_dir is not None:  # the user's --trainer.default_root_dir, after it, wins
+        overrides = ["--trainer.default_root_dir", str(run_dir), *overrides]
+    cli = make_cli(["--config", str(config), *overrides], run=False, save_config=False)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    cb = _callback(trainer)
+    settings = cb.settings if cb is not None else None
+    wb = settings["weight_bits"] if settings else None
+    spec = model.hparams.get("model", type(model.model).__name__)
+    start = time.perf_counter()
+    row: dict[str, Any] = {"config": config.stem, "model": spec}
+    if data.labeled and not against_float:
+        result = trainer.test(model, datamodule=data, verbose=False)[0]
+        row |= {"top1": round(100 * result["test/top1"], 2), "top5": round(100 * result["test/top5"], 2),
+                "samples": int(result["test/samples"]), "skipped": int(result["test/skipped"]), "scored_by": "labels"}
+    else:  # agreement with (and distance to) the float model's logits on the same images
+        key = (spec, str(data.root), data.hparams.limit, repr(data.preprocessing))
+        if key not in reference_cache:
+            reference_cache[key] = _logits(trainer, model, data)
+        reference = reference_cache[key]
+        if wb is None:
+            logits = reference
+        else:
+            stages = cb.stages
+            cb.stages = ["predict"]
+            try:
+                logits = _logits(trainer, model, data)
+            finally:
+                cb.stages = stages
+        row |= fidelity(reference, logits) | {"samples": len(logits), "skipped": data.skipped,
+                                              "scored_by": "float agreement"}
+    report = cb.report if cb is not None and wb is not None else None
+    if report is not None and run_dir is not None:
+        (run_dir / "vquant_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        save(layer_figure(report), run_dir / "layers.png")
+    paper = paper_top1(spec, wb, settings["act_bits"] if settings else None, settings["rounding"] if wb else "-")
+    ab = settings["act_bits"] if settings else None
+    return row | {
+        "bits": "FP32" if wb is None else f"W{wb}A{ab if ab is not None else 'fp'}",
+        "method": "float" if wb is None else _method(settings),
+        "paper_top1": paper, "diff": None if paper is None else round(row["top1"] - paper, 2),
+        "quant_ms": round(report.weight_time_s * 1e3, 1) if report else None,
+        "status": "ok", "_weight_bits": wb, "_seconds": time.perf_counter() - start,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results table in Markdown (missing values as `-`)."""
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    for r in rows:
+        cells = ["-" if r.get(c) is None else str(r[c]).replace("|", "/").replace("\n", " ") for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], out: Path) -> list[Path]:
+    """(Re)write `results.md`, `results.csv` and, when a run succeeded, `accuracy.png`."""
+    from .plots import save, sweep_figure
+
+    (out / "results.md").write_text(markdown(rows) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    written = [out / "results.md", out / "results.csv"]
+    if any(r.get("status") == "ok" for r in rows):
+        written.append(save(sweep_figure(rows), out / "accuracy.png"))
+    return written
+
+
+def _configs(names: list[str], parser: argparse.ArgumentParser) -> list[Path]:
+    from .app import configs_dir, resolve_config
+
+    found: list[Path] = []
+    for name in names:
+        if glob.has_magic(name):
+            pattern = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+            matches = sorted(glob.glob(name)) or sorted(glob.glob(str(configs_dir() / pattern)))
+            if not matches:
+                parser.error(f"no config matches {name}")
+            found += [Path(m) for m in matches if m.endswith((".yaml", ".yml"))]
+        else:
+            try:
+                found.append(resolve_config(name))
+            except FileNotFoundError as err:
+                parser.error(str(err))
+    return found
+
+
+def _failed_row(config: Path, err: BaseException) -> dict:
+    reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return {"config": config.stem, "status": f"failed: {reason[:300]}", "_weight_bits": None}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """`vquant sweep`; returns the rows (a failed run has `status` "failed: <reason>")."""
+    parser = argparse.ArgumentParser(prog="vquant sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", help="config files or shipped config names (globs allowed)")
+    parser.add_argument("--out", default="runs/sweep",
+                        help="folder for results.md/.csv, accuracy.png and one folder per run")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    parser.add_argument("--against-float", action="store_true",
+                        help="score every run against its model's float logits (agreement, KL, cosine), "
+                             "also on labeled data")
+    args, overrides = parser.parse_known_args(argv)
+    configs = _configs(args.configs, parser)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    write_results(rows, out)  # an older table never stands as the current one
+    cache: dict = {}
+    names: set[str] = set()
+    for i, config in enumerate(configs, 1):
+        name = config.stem if config.stem not in names else f"{config.parent.name}_{config.stem}"
+        names.add(name)
+        print(f"[{i}/{len(configs)}] {name}: running ...", flush=True)
+        start = time.perf_counter()
+        try:
+            row = run_config(config, overrides, cache, out / name, args.against_float)
+        except KeyboardInterrupt:
+            write_results(rows, out)
+            print(f"interrupted; {len(rows)} finished run(s) are in {out / 'results.md'}", flush=True)
+            raise
+        except Exception as err:  # a failed run is a row with its reason
+            row = _failed_row(config, err)
+            print(f"[{i}/{len(configs)}] {name}: {row['status']} ({time.perf_counter() - start:.0f} s)", flush=True)
+            rows.append(row | {"config": name})
+            write_results(rows, out)
+            if args.fail_fast:
+                print("stopping (--fail-fast)", flush=True)
+                break
+            continue
+        rows.append(row | {"config": name})
+        write_results(rows, out)
+        extra = f"  KL {row['kl']}  cosine {row['cosine']}" if row.get("kl") is not None else ""
+        print(f"[{i}/{len(configs)}] {name}: top-1 {row['top1']}  top-5 {row['top5']}{extra}  "
+              f"({row['samples']} images, {row['skipped']} skipped, {time.perf_counter() - start:.0f} s)", flush=True)
+    written = write_results(rows, out)
+    print(markdown(rows))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return rows

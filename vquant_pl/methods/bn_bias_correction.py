@@ -1,0 +1,117 @@
+"""Analytic bias correction from BatchNorm statistics (DFQ, extended to activations).
+
+Quantization shifts each layer's expected output: the weight error `Wq - W` meets the
+input's mean, and a coarse activation grid rounds narrow channels to a biased value (a
+channel of mean 0.1 on a step of 0.4 reads as 0). With the input modelled per channel by
+the BatchNorm-derived distribution (`bn_ranges`; a clipped normal, seeded samples from
+`act_mse`), the expected output of output channel `o` is, ignoring borders,
+
+    E[y_o] = sum_i W[o, i, :].sum() * E[x_i]   (float)   vs   sum_i Wq[o, i, :].sum() * E[Q(x_i)]
+
+and the difference is added to the layer's bias, or, for a layer without bias feeding a
+BatchNorm, subtracted from that BatchNorm's running mean (state_dict keys never change).
+Each changed tensor is saved first, so `restore_model` undoes it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .bn_graph import _BN, _Tracer, bn_stats
+from .equalize import SaveFn, default_save
+
+__all__ = ["correct_bias", "expected_shift"]
+
+_QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _per_input_sum(weight: Tensor, layer: nn.Module) -> Tensor:
+    """`W[o, i, :].sum()` as `[O, I/groups]`."""
+    return weight.detach().float().reshape(weight.shape[0], weight.shape[1] if weight.dim() > 1 else 1, -1).sum(2)
+
+
+def expected_shift(layer: nn.Module, float_weight: Tensor, quant_weight: Tensor, mean_float: Tensor,
+                   mean_quant: Tensor) -> Tensor:
+    """`E[y_quant] - E[y_float]` per output channel, given the input means per channel."""
+    g = 1 if isinstance(layer, nn.Linear) else layer.groups
+    wf, wq = _per_input_sum(float_weight, layer), _per_input_sum(quant_weight, layer)
+    out, ipg = wf.shape
+    mf, mq = mean_float.float().view(g, 1, ipg), mean_quant.float().view(g, 1, ipg)
+    yf = (wf.view(g, out // g, ipg) * mf).sum(2).flatten()
+    yq = (wq.view(g, out // g, ipg) * mq).sum(2).flatten()
+    return yq - yf
+
+
+def _following_bn(graph: fx.Graph, modules: dict) -> dict[str, str]:
+    """Layer name -> the BatchNorm that is its only user."""
+    out = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], _QUANTIZABLE) and len(node.users) == 1:
+            (user,) = node.users
+            if user.op == "call_module" and isinstance(modules[user.target], _BN) and user.args[:1] == (node,):
+                out[node.target] = user.target
+    return out
+
+
+@torch.no_grad()
+def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers: dict[str, object],
+                 activations: bool = True, save: SaveFn | None = None, samples: int = 256) -> dict[str, Tensor]:
+    """Remove the expected output shift of each quantized layer, in place.
+
+    Args:
+        model: the model with quantized weights in place (BatchNorm gamma/beta still float).
+        float_weights: layer name -> its float weight (before quantization).
+        quantizers: layer name -> the callable fake-quantizing its input (None or absent: float input).
+        activations: also correct the shift of the input quantization (else weights only, DFQ).
+        save: called before a tensor changes (default `vquant_pl.state.save_original`).
+        samples: seeded draws per channel for the expectations.
+
+    Returns:
+        `{layer name: the correction subtracted from its output}` for every corrected layer.
+
+    Example:
+        >>> floats = {n: l.weight.clone() for n, l in vq.quantizable_layers(model)}
+        >>> vq.quantize_model(model, 4, 4, act_range="bn")
+        >>> correct_bias(model, floats, {n: input_quantizer(l) for n, l in vq.quantizable_layers(model)})
+    """
+    from .bn_mse import _samples
+
+    save = save or default_save()
+    modules = dict(model.named_modules())
+    names = [n for n in float_weights if n in modules]
+    stats = bn_stats(model, names, _QUANTIZABLE)
+    try:
+        graph = _Tracer(_QUANTIZABLE + _BN).trace(model)
+    except Exception:
+        return {}
+    following = _following_bn(graph, modules)
+    done = {}
+    for name in names:
+        layer, s = modules[name], stats.get(name)
+        if s is None or isinstance(s, str):
+            continue
+        in_channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        if s.mean.numel() != in_channels:
+            continue
+        x = _samples(s, samples, 0)
+        mean_float = x.mean(1)
+        q = quantizers.get(name) if activations else None
+        mean_quant = mean_float if q is None else _quantize_channels(q, x).mean(1)
+        shift = expected_shift(layer, float_weights[name], layer.weight, mean_float, mean_quant)
+        if getattr(layer, "bias", None) is not None:
+            save(layer, "bias")
+            layer.bias.sub_(shift.to(layer.bias.dtype))
+        elif name in following and modules[following[name]].running_mean is not None:
+            bn = modules[following[name]]
+            save(bn, "running_mean")
+            bn.running_mean.add_(shift.to(bn.running_mean.dtype))
+        else:
+            continue
+        done[name] = shift
+    return done
+
+
+def _quantize_channels(q, x: Tensor) -> Tensor:
+    """Apply an input quantizer to samples `[C, n]` laid out as a `[n, C]` batch."""
+    return q(x.t().contiguous()).t()

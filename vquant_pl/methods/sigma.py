@@ -1,0 +1,40 @@
+"""Activation ranges: the sigma rule (docs/quantization-rules.md rule 6) and its paper defaults."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..ops.affine import check_bits
+
+#: Paper sigma per activation bit width (SQuant: same value for every model).
+PAPER_SIGMA = {4: 12.0, 6: 14.0, 8: 25.0}
+
+
+def default_sigma(bits: int) -> float:
+    """The paper's sigma for `bits`: 12 up to 5 bits, 14 for 6 and 7 bits, 25 for 8 bits."""
+    check_bits(bits, "activation bits")
+    return PAPER_SIGMA[4] if bits <= 5 else PAPER_SIGMA[6] if bits <= 7 else PAPER_SIGMA[8]
+
+
+def sigma_range(x: Tensor, bits: int, sigma: float) -> tuple[float, float, bool]:
+    """Range `(lo, hi, signed)` of one activation tensor by the sigma rule.
+
+    Unsigned (no negative value seen): `alpha = sigma * std(x[x > 0])`, range `[0, alpha]`.
+    Signed: `alpha = sigma * std(x) / 1.25`, range `[-alpha, alpha]`. Below 6 bits alpha
+    is clipped to `max(x)`.
+    """
+    check_bits(bits, "activation bits")
+    x = x.detach().float()
+    signed = bool(x.min() < 0)
+    if signed:
+        alpha = sigma * x.std() / 1.25
+    else:
+        positive = x[x > 0]
+        if positive.numel() < 2:
+            raise ValueError(
+                f"cannot range an activation with {positive.numel()} positive value(s) "
+                f"(shape {tuple(x.shape)}): the sigma rule needs at least two")
+        alpha = sigma * positive.std()
+    if bits < 6:
+        alpha = min(alpha, x.max())
+    alpha = float(alpha)
+    return (-alpha if signed else 0.0), alpha, signed
