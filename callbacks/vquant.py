@@ -18,7 +18,7 @@ from vquant_pl.quantize import (activation_ranges, is_quantized, quantization_re
                                 set_activation_ranges)
 from vquant_pl.methods.table import METHODS
 from vquant_pl.report import QuantReport
-from vquant_pl.state import ORIGINALS
+from vquant_pl.state import originals
 
 Stage = Literal["test", "validate", "predict"]
 STAGES = ("test", "validate", "predict")
@@ -153,7 +153,7 @@ class VQuantCallback(pl.Callback):
         if state is None:
             return
         for name, module in pl_module.named_modules():
-            for tensor_name, original in module.__dict__.get(ORIGINALS, {}).items():
+            for tensor_name, original in originals(module).items():
                 key = f"{name}.{tensor_name}" if name else tensor_name
                 if key in state:
                     state[key] = original.detach().clone().to(state[key].device)
@@ -164,7 +164,7 @@ class VQuantCallback(pl.Callback):
         """A weight shared by several layers is saved under each name: float under all."""
         owners: dict[int, Tensor] = {}
         for name, module in pl_module.named_modules():
-            original = module.__dict__.get(ORIGINALS, {}).get("weight")
+            original = originals(module).get("weight")
             if original is not None:
                 owners[id(module.weight)] = original
         for name, module in pl_module.named_modules():
@@ -234,7 +234,7 @@ class VQuantCallback(pl.Callback):
             return
         with torch.no_grad():  # every tensor the run changed: weights, corrected biases, BatchNorm
             for layer in module.modules():
-                for name in sorted(layer.__dict__.get(ORIGINALS, {})):
+                for name in sorted(originals(layer)):
                     torch.distributed.broadcast(getattr(layer, name).data, src=0)
         set_activation_ranges(module, trainer.strategy.broadcast(activation_ranges(module), src=0))
 
@@ -267,7 +267,7 @@ class VQuantCallback(pl.Callback):
             add_figure = getattr(experiment, "add_figure", None)
             if callable(add_figure):
                 try:
-                    from vquant_pl.cli.plots import layer_figure
+                    from vquant_pl.plots import layer_figure
                 except ImportError:
                     layer_figure = None
                 if layer_figure is not None:

@@ -1,11 +1,12 @@
 """vquant-pl: training-free, data-free quantization and evaluation of image classifiers."""
 from .ops.affine import fake_quant_activation
-from .config import QuantConfig
+from .config import QuantConfig, default_sigma
 from .probe import Probe
 from .state import save_original
-from .quantize import (QUANTIZABLE, activation_ranges, is_quantized, quantizable_layers, quantization_report,
-                       quantize_model, restore_model, set_activation_ranges)
-from .methods.sigma import default_sigma, sigma_range
+from .layers import QUANTIZABLE, quantizable_layers
+from .quantize import (activation_ranges, is_quantized, quantization_report, quantize_model, restore_model,
+                       set_activation_ranges)
+from .methods.sigma import sigma_range
 from .report import LayerReport, QuantReport
 from .ops.weights import quantize_weight
 

@@ -9,13 +9,34 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, Optional, Sequence, get_args
 
-from .ops.affine import check_bits
+#: Supported bit widths of weights and activations.
+MIN_BITS, MAX_BITS = 2, 8
+#: Paper sigma per activation bit width (SQuant: the same value for every model).
+PAPER_SIGMA = {4: 12.0, 6: 14.0, 8: 25.0}
 
 Rounding = Literal["nearest", "squant-e", "squant-k", "squant-c", "squant"]
 ActRange = Literal["bn", "sigma", "bn-mse", "aciq-laplace", "aciq-gauss", "max", "percentile", "mse", "entropy", "none"]
 BnBiasCorrection = Literal["weights", "all"]
 AciqStats = Literal["probe", "bn"]
 Backend = Literal["torch", "cpp", "cuda"]
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Return `bits` if it is an int in the supported range, else raise ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def default_sigma(bits: int) -> float:
+    """The paper's sigma for `bits`: 12 up to 5 bits, 14 for 6 and 7 bits, 25 for 8 bits.
+
+    Example:
+        >>> default_sigma(4), default_sigma(6), default_sigma(8)
+        (12.0, 14.0, 25.0)
+    """
+    check_bits(bits, "activation bits")
+    return PAPER_SIGMA[4] if bits <= 5 else PAPER_SIGMA[6] if bits <= 7 else PAPER_SIGMA[8]
 
 
 def _positive(value: Any, name: str, allow_none: bool = True) -> None:
@@ -147,8 +168,6 @@ class QuantConfig:
         """`sigma`, or the paper's value for `act_bits`; None when activations stay float."""
         if not self.quantizes_activations:
             return None
-        from .methods.sigma import default_sigma
-
         return float(self.sigma) if self.sigma is not None else default_sigma(self.act_bits)
 
     def replace(self, **changes: Any) -> "QuantConfig":

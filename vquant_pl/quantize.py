@@ -24,20 +24,13 @@ from .input_quantizer import InputQuantizer, Quantizer
 from .probe import Probe, make_probe
 from .methods.table import METHODS, RangeMethod
 from .report import LayerReport, QuantReport
-from .state import (LAYER, LayerState, RunInfo, has_state, input_quantizer, iter_states, restore_all, run_scope,
-                    save_original)
+from .layers import BATCHNORMS, QUANTIZABLE, in_channels, input_channel_dim, quantizable_layers
+from .state import (LayerState, RunInfo, attach_state, has_state, input_quantizer, iter_states, restore_all,
+                    run_scope, save_original)
 from .ops.weights import check_weight, quantize_weight
 
-#: Layer types whose weights and inputs are quantized (subclasses included).
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: Bits of the last layer's input (docs/quantization-rules.md rule 4).
 LAST_LAYER_ACT_BITS = 8
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every Conv1d/2d/3d and Linear (subclasses included), in `model.modules()` order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -79,7 +72,7 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(bias, Tensor) and not bool(torch.isfinite(bias).all()):
             raise ValueError(f"bias of layer {name!r} holds NaN or infinite values")
     for name, bn in model.named_modules():
-        if isinstance(bn, _BN):
+        if isinstance(bn, BATCHNORMS):
             for what in ("weight", "bias", "running_mean", "running_var"):
                 t = getattr(bn, what, None)
                 if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -119,10 +112,10 @@ def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
             plan.fixed[name] = s
         elif not config.act_bit_allocation:
             plan.fixed[name] = ActivationQuantizer(bits, *method.range_from_bn(s, bits, config, layer))
-        elif s.mean.numel() != _in_channels(layer):
-            plan.fixed[name] = f"BN statistics for {s.mean.numel()} channels, input has {_in_channels(layer)}"
+        elif s.mean.numel() != in_channels(layer):
+            plan.fixed[name] = f"BN statistics for {s.mean.numel()} channels, input has {in_channels(layer)}"
         else:
-            plan.fixed[name] = bn_channel_quantizer(s, lambda b: method.bn_k(b, config), bits, _channel_dim(layer))
+            plan.fixed[name] = bn_channel_quantizer(s, lambda b: method.bn_k(b, config), bits, input_channel_dim(layer))
 
 
 def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, calibration) -> _Plan:
@@ -244,15 +237,6 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
 
 
 # -- ranges -------------------------------------------------------------------------------
-def _channel_dim(layer: nn.Module) -> int:
-    """The channel dimension of a layer's input: features last for Linear, 1 for convs."""
-    return -1 if isinstance(layer, nn.Linear) else 1
-
-
-def _in_channels(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-
-
 class _Ranger:
     """`(x, bits) -> (lo, hi, signed)` by a method's probe rule (picklable, no closure)."""
 
@@ -272,7 +256,7 @@ def _attach_input_quantizers(plan: _Plan, rows: list[LayerReport]) -> list[Input
             hooks.append(None)
             continue
         given = plan.fixed.get(name)
-        hook = InputQuantizer(name, bits, _channel_dim(layer), None if given is None or isinstance(given, str) else given)
+        hook = InputQuantizer(name, bits, input_channel_dim(layer), None if given is None or isinstance(given, str) else given)
         if plan.method.calibrated:
             from .nvidia.calib import make_calibrator
 
@@ -355,7 +339,7 @@ def _commit(plan: _Plan, rows: list[LayerReport], hooks: list, run: RunInfo) -> 
                 row.note = _join(row.note, "not reached by the probe: input float")
             else:
                 _fill_row(row, hook.quantizer)
-        layer.__dict__[LAYER] = LayerState(row, run)
+        attach_state(layer, LayerState(row, run))
 
 
 def _join(a: str, b: str) -> str:

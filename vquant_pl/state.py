@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from .report import LayerReport
 
 ORIGINALS = "_vquant_originals"
 LAYER = "_vquant_layer"
+
+#: `save(module, name)`: called by a transform before it changes `module.<name>`.
+SaveFn = Callable[[nn.Module, str], object]
 
 _RUN_SAVED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vquant_run_saved", default=None)
 
@@ -88,6 +91,20 @@ def save_original(module: nn.Module, name: str) -> bool:
     with torch.no_grad():
         originals[name] = tensor.detach().clone()
     return True
+
+
+def originals(module: nn.Module) -> dict[str, Tensor]:
+    """The saved float originals of `module`'s tensors, by attribute name (a copy of the mapping)."""
+    return dict(module.__dict__.get(ORIGINALS, {}))
+
+
+def attach_state(layer: nn.Module, state: LayerState) -> None:
+    """Mark `layer` quantized by a run, with its report row."""
+    layer.__dict__[LAYER] = state
+
+
+def layer_state(module: nn.Module) -> LayerState | None:
+    return module.__dict__.get(LAYER)
 
 
 def iter_states(model: nn.Module) -> Iterator[tuple[str, nn.Module, LayerState]]:

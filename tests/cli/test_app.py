@@ -265,7 +265,7 @@ def test_crafted_checkpoint_runs_no_code(tmp_path):
 
 
 def test_sweep_plot_has_one_line_per_model_and_method_ending_at_fp32():
-    from vquant_pl.cli.plots import sweep_figure
+    from vquant_pl.plots import sweep_figure
 
     rows = [{"model": "m", "method": "float", "top1": 70.0, "_weight_bits": None},
             *[{"model": "m", "method": method, "top1": top1, "_weight_bits": bits}
@@ -280,7 +280,7 @@ def test_sweep_plot_has_one_line_per_model_and_method_ending_at_fp32():
 
 
 def test_layer_figure_from_a_report_and_its_json(tmp_path):
-    from vquant_pl.cli.plots import layer_figure, save
+    from vquant_pl.plots import layer_figure, save
 
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
                               torch.nn.Linear(8, 2))

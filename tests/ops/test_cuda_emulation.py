@@ -9,7 +9,7 @@ import torch
 import vquant_pl as vq
 from vquant_pl.ops import kernels
 from vquant_pl.ops.affine import ActivationQuantizer, dequantize, weight_codes
-from vquant_pl.ops.squant import ROUNDINGS, _levels, squant_round_torch
+from vquant_pl.ops.squant import ROUNDINGS, levels, squant_round_torch
 
 try:
     EMU = kernels.load_emulation()  # built once, then loaded from the cache
@@ -22,14 +22,14 @@ pytestmark = pytest.mark.skipif(EMU is None, reason=f"no C++ compiler to build t
 def _emulated(weight, bits, rounding, ops=None):
     """quantize_weight with the emulated CUDA rounding in place of the backend."""
     codes, scale, zero_point = weight_codes(weight, bits)
-    q = (ops or EMU).squant_round(codes.contiguous(), bits, *_levels(rounding, codes.shape[-1]))
+    q = (ops or EMU).squant_round(codes.contiguous(), bits, *levels(rounding, codes.shape[-1]))
     return dequantize(q, scale, zero_point).reshape(weight.shape).to(weight.dtype)
 
 
 def _mismatches(weight, bits, roundings, ops=None):
     codes = weight_codes(weight, bits)[0]
     return [(tuple(weight.shape), bits, r) for r in roundings
-            if not torch.equal((ops or EMU).squant_round(codes, bits, *_levels(r, codes.shape[-1])),
+            if not torch.equal((ops or EMU).squant_round(codes, bits, *levels(r, codes.shape[-1])),
                                squant_round_torch(codes, bits, r))]
 
 

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers import input_channel_dim
+
 __all__ = ["LayerSensitivity", "SensitivityReport", "analyze", "layer_kind", "main"]
 
 
@@ -245,7 +247,7 @@ def _make_quantizer(r: tuple, layer: nn.Module):
     from ..ops.affine import ActivationQuantizer, ChannelActivationQuantizer
 
     if isinstance(r[0], Tensor):
-        return ChannelActivationQuantizer(*r, dim=-1 if isinstance(layer, nn.Linear) else 1)
+        return ChannelActivationQuantizer(*r, dim=input_channel_dim(layer))
     return ActivationQuantizer(*r)
 
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..ops import kernels
 from ..ops.affine import dequantize, weight_codes
-from ..ops.squant import ROUNDINGS, _levels
+from ..ops.squant import ROUNDINGS, levels
 
 # Cases of ../shared/golden/squant_golden.pt (outputs of the reference implementation):
 # (shape, rounding, bits, weight, expected dequantized weight), float32 little-endian, base64.
@@ -90,7 +90,7 @@ def _decode(text: str, shape: tuple[int, ...]) -> Tensor:
 
 def _quantize(weight: Tensor, bits: int, rounding: str, op: RoundOp, device: torch.device) -> Tensor:
     codes, scale, zero_point = weight_codes(weight, bits)
-    q = op(codes.contiguous().to(device), bits, *_levels(rounding, codes.shape[-1])).cpu()
+    q = op(codes.contiguous().to(device), bits, *levels(rounding, codes.shape[-1])).cpu()
     return dequantize(q, scale, zero_point).reshape(weight.shape).to(weight.dtype)
 
 
@@ -208,7 +208,7 @@ def timings(present: dict, runs: int) -> None:
     """SQuant whole-model W4 (ResNet18, ResNet50, pytorchcv, random init) and fake-quant throughput."""
     from pytorchcv.model_provider import get_model
 
-    from .. import quantizable_layers
+    from ..layers import quantizable_layers
 
     print(f"\nTimings, median of {runs} runs; torch {torch.__version__}")
     print("| what | device | backend | ms |")
@@ -223,7 +223,7 @@ def timings(present: dict, runs: int) -> None:
             def once():
                 for w in ws:
                     codes, scale, zp = weight_codes(w, 4)
-                    dequantize(round_op(codes.contiguous(), 4, *_levels("squant", codes.shape[-1])), scale, zp)
+                    dequantize(round_op(codes.contiguous(), 4, *levels("squant", codes.shape[-1])), scale, zp)
 
             ms = _median_ms(once, runs, device.type == "cuda")
             print(f"| SQuant W4 {model_name} ({len(ws)} layers) | {device_name(device)} | {name} | {ms:.1f} |",

@@ -84,7 +84,7 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     """One config's run; its resolved config, `vquant_report.json` and `layers.png` go to `run_dir`.
     Scored by the labels, or, on unlabeled data or with `against_float`, against the float model."""
     from .app import make_cli
-    from .plots import layer_figure, save
+    from ..plots import layer_figure, save
 
     config = Path(config)
     if run_dir is not None:  # the user's --trainer.default_root_dir, after it, wins
@@ -146,7 +146,7 @@ def markdown(rows: list[dict]) -> str:
 
 def write_results(rows: list[dict], out: Path) -> list[Path]:
     """(Re)write `results.md`, `results.csv` and, when a run succeeded, `accuracy.png`."""
-    from .plots import save, sweep_figure
+    from ..plots import save, sweep_figure
 
     (out / "results.md").write_text(markdown(rows) + "\n")
     with open(out / "results.csv", "w", newline="") as f:

@@ -18,12 +18,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .bn_graph import _BN, _Tracer, bn_stats
-from .equalize import SaveFn, default_save
+from ..layers import BATCHNORMS, QUANTIZABLE, groups, in_channels
+from ..state import SaveFn, save_original
+from .bn_graph import LeafTracer, bn_stats
+from .bn_mse import sample_stats
 
 __all__ = ["correct_bias", "expected_shift"]
 
-_QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _per_input_sum(weight: Tensor, layer: nn.Module) -> Tensor:
@@ -34,7 +35,7 @@ def _per_input_sum(weight: Tensor, layer: nn.Module) -> Tensor:
 def expected_shift(layer: nn.Module, float_weight: Tensor, quant_weight: Tensor, mean_float: Tensor,
                    mean_quant: Tensor) -> Tensor:
     """`E[y_quant] - E[y_float]` per output channel, given the input means per channel."""
-    g = 1 if isinstance(layer, nn.Linear) else layer.groups
+    g = groups(layer)
     wf, wq = _per_input_sum(float_weight, layer), _per_input_sum(quant_weight, layer)
     out, ipg = wf.shape
     mf, mq = mean_float.float().view(g, 1, ipg), mean_quant.float().view(g, 1, ipg)
@@ -47,9 +48,9 @@ def _following_bn(graph: fx.Graph, modules: dict) -> dict[str, str]:
     """Layer name -> the BatchNorm that is its only user."""
     out = {}
     for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], _QUANTIZABLE) and len(node.users) == 1:
+        if node.op == "call_module" and isinstance(modules[node.target], QUANTIZABLE) and len(node.users) == 1:
             (user,) = node.users
-            if user.op == "call_module" and isinstance(modules[user.target], _BN) and user.args[:1] == (node,):
+            if user.op == "call_module" and isinstance(modules[user.target], BATCHNORMS) and user.args[:1] == (node,):
                 out[node.target] = user.target
     return out
 
@@ -75,14 +76,13 @@ def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers:
         >>> vq.quantize_model(model, 4, 4, act_range="bn")
         >>> correct_bias(model, floats, {n: input_quantizer(l) for n, l in vq.quantizable_layers(model)})
     """
-    from .bn_mse import _samples
 
-    save = save or default_save()
+    save = save or save_original
     modules = dict(model.named_modules())
     names = [n for n in float_weights if n in modules]
-    stats = bn_stats(model, names, _QUANTIZABLE)
+    stats = bn_stats(model, names, QUANTIZABLE)
     try:
-        graph = _Tracer(_QUANTIZABLE + _BN).trace(model)
+        graph = LeafTracer(QUANTIZABLE + BATCHNORMS).trace(model)
     except Exception:
         return {}
     following = _following_bn(graph, modules)
@@ -91,10 +91,9 @@ def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers:
         layer, s = modules[name], stats.get(name)
         if s is None or isinstance(s, str):
             continue
-        in_channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-        if s.mean.numel() != in_channels:
+        if s.mean.numel() != in_channels(layer):
             continue
-        x = _samples(s, samples, 0)
+        x = sample_stats(s, samples, 0)
         mean_float = x.mean(1)
         q = quantizers.get(name) if activations else None
         mean_quant = mean_float if q is None else _quantize_channels(q, x).mean(1)

@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..layers import BATCHNORMS, QUANTIZABLE
+
 #: Default k (in standard deviations) per activation bit width.
 DEFAULT_BN_K = {2: 3.0, 3: 3.0, 4: 3.0, 5: 4.0, 6: 4.0, 7: 6.0, 8: 6.0}
 
@@ -26,7 +28,6 @@ _PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgP
 _PASS_FUNCTIONS = {torch.flatten, nn.functional.adaptive_avg_pool2d, nn.functional.avg_pool2d,
                    nn.functional.max_pool2d, nn.functional.dropout, torch.nn.functional.adaptive_max_pool2d}
 _PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "clone"}
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ChannelStats:
         return ChannelStats(self.mean, self.std, max(self.lo, lo), min(self.hi, hi))
 
 
-class _Tracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
     def __init__(self, leaves: tuple):
         super().__init__()
         self.leaves = leaves
@@ -57,7 +58,7 @@ def _stats(node, modules, memo):
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, _BN):
+        if isinstance(m, BATCHNORMS):
             gamma = m.weight.detach().float() if m.affine else torch.ones(m.num_features)
             beta = m.bias.detach().float() if m.affine else torch.zeros(m.num_features)
             result = ChannelStats(beta, gamma.abs())
@@ -110,11 +111,11 @@ def stats_range(s: ChannelStats, k: float) -> tuple[float, float, bool]:
     return -alpha, alpha, True
 
 
-def bn_stats(model: nn.Module, layer_names: list[str], leaves: tuple) -> dict[str, ChannelStats | str]:
+def bn_stats(model: nn.Module, layer_names: list[str], leaves: tuple = QUANTIZABLE) -> dict[str, ChannelStats | str]:
     """For each layer name: the per-channel statistics of its input carried from BatchNorm,
     or the reason there are none."""
     try:
-        graph = _Tracer(leaves).trace(model)
+        graph = LeafTracer(leaves).trace(model)
     except Exception as err:
         return {name: f"fx trace failed ({type(err).__name__})" for name in layer_names}
     modules = dict(model.named_modules())

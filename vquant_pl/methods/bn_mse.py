@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.affine import check_bits
+from ..config import check_bits
+from ..layers import per_input_channel
 from .bn_graph import ChannelStats
 
 __all__ = ["bn_mse_method_range", "bn_mse_range", "consumer_weight", "expected_error"]
 
 
-def _samples(s: ChannelStats, samples: int, seed: int) -> Tensor:
+def sample_stats(s: ChannelStats, samples: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(s.mean.numel(), samples, generator=g)
     x = s.mean.float().view(-1, 1) + s.std.float().view(-1, 1) * z
@@ -83,7 +84,7 @@ def bn_mse_range(stats: ChannelStats, bits: int, channel_weight: Tensor | None =
     check_bits(bits, "activation bits")
     if channel_weight is not None and channel_weight.numel() != stats.mean.numel():
         raise ValueError(f"{channel_weight.numel()} channel weights for {stats.mean.numel()} channels")
-    x = _samples(stats, samples, seed)
+    x = sample_stats(stats, samples, seed)
     w = None if channel_weight is None else channel_weight.detach().float().flatten()
     x_min, x_max = float(x.min()), float(x.max())
     t = torch.linspace(1.0 / grid, 1.0, grid)
@@ -100,14 +101,7 @@ def bn_mse_range(stats: ChannelStats, bits: int, channel_weight: Tensor | None =
 
 def consumer_weight(layer, channels: int) -> Tensor | None:
     """Squared norm of `layer`'s weights per input channel (None if it has not `channels`)."""
-    from torch import nn
-
-    w = layer.weight.detach().float()
-    if isinstance(layer, nn.Linear):
-        out = w.pow(2).sum(0)
-    else:
-        g = layer.groups
-        out = w.reshape(g, w.shape[0] // g, w.shape[1], -1).pow(2).sum(dim=(1, 3)).flatten()
+    out = per_input_channel(layer, layer.weight.detach().float().pow(2), torch.sum)
     return out if out.numel() == channels else None
 
 

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 
 from .aciq import allocate_bits
-from ..ops.affine import MAX_BITS, MIN_BITS, ChannelActivationQuantizer
+from ..config import MAX_BITS, MIN_BITS
+from ..ops.affine import ChannelActivationQuantizer
 from .bn_graph import ChannelStats
 
 

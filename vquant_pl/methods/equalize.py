@@ -26,19 +26,17 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .bn_graph import _BN, _Tracer
+from ..layers import BATCHNORMS, QUANTIZABLE, is_depthwise, per_input_channel
+from ..state import SaveFn, save_original
+from .bn_graph import LeafTracer
 
-__all__ = ["EqualizationGroup", "default_save", "equalize", "find_groups"]
+__all__ = ["EqualizationGroup", "equalize", "find_groups"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
-_QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-SaveFn = Callable[[nn.Module, str], object]
 
 
 @dataclass
@@ -50,13 +48,6 @@ class EqualizationGroup:
     consumers: list[str]
     clip: tuple[float, float] | None = None
     scales: Tensor | None = field(default=None, repr=False)  # set by `equalize`
-
-
-def default_save() -> SaveFn:
-    """`vquant_pl.state.save_original` (so that `restore_model` undoes the change)."""
-    from ..state import save_original
-
-    return save_original
 
 
 def _clip_of(node: fx.Node, modules: dict) -> tuple[float, float] | None:
@@ -81,7 +72,7 @@ def _clip_of(node: fx.Node, modules: dict) -> tuple[float, float] | None:
 
 def _consumer(node: fx.Node, user: fx.Node, modules: dict) -> bool:
     """Whether `user` is a quantizable layer taking `node` as its only tensor input."""
-    return (user.op == "call_module" and isinstance(modules[user.target], _QUANTIZABLE)
+    return (user.op == "call_module" and isinstance(modules[user.target], QUANTIZABLE)
             and user.args[:1] == (node,) and node not in user.args[1:] and node not in user.kwargs.values())
 
 
@@ -91,7 +82,7 @@ def _stream(start: fx.Node, modules: dict) -> tuple[list[str], list[str]] | None
     seen, todo, producers, consumers = {start}, [start], [], []
     while todo:
         n = todo.pop()
-        if n.op == "call_module" and isinstance(modules[n.target], _BN):
+        if n.op == "call_module" and isinstance(modules[n.target], BATCHNORMS):
             producers.append(n.target)
         elif not (n.op == "call_function" and n.target in _ADDS):
             return None
@@ -121,13 +112,13 @@ def find_groups(model: nn.Module) -> list[EqualizationGroup]:
         RuntimeError: when torch.fx cannot trace the model.
     """
     try:
-        graph = _Tracer(_QUANTIZABLE + _BN).trace(model)
+        graph = LeafTracer(QUANTIZABLE + BATCHNORMS).trace(model)
     except Exception as err:
         raise RuntimeError(f"equalization needs a torch.fx trace of {type(model).__name__}: {err}") from err
     modules = dict(model.named_modules())
     groups, done = [], set()
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _BN) or node in done:
+        if node.op != "call_module" or not isinstance(modules[node.target], BATCHNORMS) or node in done:
             continue
         bn = modules[node.target]
         if not bn.affine or bn.weight is None:
@@ -160,17 +151,8 @@ def _input_view(layer: nn.Module, scale: Tensor) -> tuple[Tensor, tuple[int, ...
 
 def _input_ranges(layer: nn.Module) -> Tensor:
     """max |W| per input channel, over the layer's (group's) output channels, normalized by max |W|."""
-    w = layer.weight.detach().float()
-    if isinstance(layer, nn.Linear):
-        r = w.abs().amax(0)
-    else:
-        g = layer.groups
-        r = w.reshape(g, w.shape[0] // g, w.shape[1], -1).abs().amax(dim=(1, 3)).flatten()
+    r = per_input_channel(layer, layer.weight.detach().float().abs(), torch.amax)
     return r / r.max().clamp_min(1e-12)
-
-
-def _is_depthwise(layer: nn.Module) -> bool:
-    return not isinstance(layer, nn.Linear) and layer.groups == layer.in_channels == layer.out_channels
 
 
 @torch.no_grad()
@@ -205,7 +187,7 @@ def equalize(model: nn.Module, alpha: float = 0.5, k: float = 4.0, max_scale: fl
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
     if not k > 0 or not max_scale >= 1:
         raise ValueError(f"k must be > 0 and max_scale >= 1, got k={k!r}, max_scale={max_scale!r}")
-    save = save or default_save()
+    save = save or save_original
     modules = dict(model.named_modules())
     groups = find_groups(model) if groups is None else groups
     for group in groups:
@@ -225,7 +207,7 @@ def equalize(model: nn.Module, alpha: float = 0.5, k: float = 4.0, max_scale: fl
             cap = torch.clamp(hi / safe.clamp_min(1e-12), max=max_scale) if math.isfinite(hi) else \
                 torch.full_like(a, max_scale)
         a = a.clamp_min(1e-8)
-        if all(_is_depthwise(m) for m in layers):
+        if all(is_depthwise(m) for m in layers):
             f = 1.0 / a
         else:
             w = torch.stack([_input_ranges(m) for m in layers]).amax(0).clamp_min(1e-8)

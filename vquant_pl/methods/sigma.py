@@ -3,16 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..ops.affine import check_bits
-
-#: Paper sigma per activation bit width (SQuant: same value for every model).
-PAPER_SIGMA = {4: 12.0, 6: 14.0, 8: 25.0}
-
-
-def default_sigma(bits: int) -> float:
-    """The paper's sigma for `bits`: 12 up to 5 bits, 14 for 6 and 7 bits, 25 for 8 bits."""
-    check_bits(bits, "activation bits")
-    return PAPER_SIGMA[4] if bits <= 5 else PAPER_SIGMA[6] if bits <= 7 else PAPER_SIGMA[8]
+from ..config import check_bits
 
 
 def sigma_range(x: Tensor, bits: int, sigma: float) -> tuple[float, float, bool]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .equalize import SaveFn, default_save
+from ..layers import QUANTIZABLE, quantizable_layers
+from ..state import SaveFn, save_original
+from .bn_mse import sample_stats
+
 
 __all__ = ["clip_ratios", "clip_weights", "input_moments"]
 
-_QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def clip_ratios(weight: Tensor, bits: int, moments: Tensor | None = None, grid: int = 16,
@@ -58,16 +60,15 @@ def clip_ratios(weight: Tensor, bits: int, moments: Tensor | None = None, grid: 
 def input_moments(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, Tensor]:
     """`E[x^2]` per input channel of each layer whose input comes from BatchNorm (by the
     seeded samples of `act_mse`); layers without statistics are left out."""
-    from .bn_mse import _samples
     from .bn_graph import bn_stats
 
-    stats = bn_stats(model, [n for n, _ in layers], _QUANTIZABLE)
+    stats = bn_stats(model, [n for n, _ in layers], QUANTIZABLE)
     out = {}
     for name, layer in layers:
         s = stats.get(name)
         if s is None or isinstance(s, str):
             continue
-        m = _samples(s, 256, 0).pow(2).mean(1)
+        m = sample_stats(s, 256, 0).pow(2).mean(1)
         channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels // layer.groups
         if isinstance(layer, nn.Linear) or layer.groups == 1:
             if m.numel() == channels:
@@ -102,9 +103,9 @@ def clip_weights(model: nn.Module, bits: int, grid: int = 16, min_ratio: float =
     """
     if not 0 < min_ratio <= 1 or grid < 1:
         raise ValueError(f"min_ratio must lie in (0, 1] and grid be >= 1, got {min_ratio!r}, {grid!r}")
-    save = save or default_save()
+    save = save or save_original
     if layers is None:
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _QUANTIZABLE)]
+        layers = quantizable_layers(model)
     moments = input_moments(model, layers) if weighted else {}
     out = {}
     for name, layer in layers:

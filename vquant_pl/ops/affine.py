@@ -9,16 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..config import MAX_BITS, MIN_BITS, check_bits
 from . import kernels
-
-MIN_BITS, MAX_BITS = 2, 8
-
-
-def check_bits(bits: int, what: str = "bits") -> int:
-    """Return `bits` if it is an int in the supported range, else raise ValueError."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    return bits
 
 
 def affine_scale(lo: Tensor, hi: Tensor, bits: int) -> Tensor:

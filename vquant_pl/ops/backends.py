@@ -11,16 +11,17 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 from torch import Tensor
 
+from ..config import Backend
 from . import kernels
 from .kernels import BackendUnavailable, find_cuda_home  # noqa: F401  (public names)
-from .squant import _levels, squant_round_torch
+from .squant import levels, squant_round_torch
 
-BACKENDS = ("torch", "cpp", "cuda")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 ENV_VAR = kernels.ENV_BACKEND
 
 RoundFn = Callable[[Tensor, int, str], Tensor]
@@ -38,7 +39,7 @@ def _native(kind: str) -> RoundFn:
         raise BackendUnavailable(f"the CUDA kernels are not in use: {kernels.status()['cuda'] or 'no GPU'}")
 
     def round_fn(codes: Tensor, bits: int, rounding: str) -> Tensor:
-        k_level, c_level = _levels(rounding, codes.shape[-1])
+        k_level, c_level = levels(rounding, codes.shape[-1])
         if kind == "cpu" and codes.device.type != "cpu":
             return op(codes.cpu(), bits, k_level, c_level).to(codes.device)
         return op(codes, bits, k_level, c_level)

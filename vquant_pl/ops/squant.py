@@ -6,13 +6,17 @@ ascending index), one boundary element carried from the K-level to the C-level.
 """
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import Tensor
 
-ROUNDINGS = ("nearest", "squant-e", "squant-k", "squant-c", "squant")
+from ..config import Rounding
+
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
 
-def _levels(rounding: str, kernel_size: int) -> tuple[bool, bool]:
+def levels(rounding: str, kernel_size: int) -> tuple[bool, bool]:
     """Which flipping levels (K, C) a rounding method runs for a kernel size."""
     k_level = rounding in ("squant", "squant-k") and kernel_size > 1
     c_level = rounding in ("squant", "squant-c")
@@ -74,7 +78,7 @@ def squant_round_torch(codes: Tensor, bits: int, rounding: str) -> Tensor:
     down = (torch.where(is_down, number - 1, number), torch.where(is_down, error - 1, 0.0))
     up_prio = torch.where(is_up, error.abs(), 0.0)
     down_prio = torch.where(is_down, error.abs(), 0.0)
-    k_level, c_level = _levels(rounding, ks)
+    k_level, c_level = levels(rounding, ks)
     if k_level:
         flat = lambda t: t.reshape(oc * ic, ks)  # noqa: E731
         number, error, up_prio, down_prio = _flip_level(

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .affine import check_bits, dequantize, weight_codes
+from ..config import check_bits
+from .affine import dequantize, weight_codes
 from .squant import ROUNDINGS
 
 
