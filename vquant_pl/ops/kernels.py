@@ -1,4 +1,6 @@
-"""The vquant operators: build, load and registration with the PyTorch dispatcher.
+"""The vquant operators: registration with the PyTorch dispatcher, their PyTorch and fake
+implementations, and the native libraries' loading and self-check (the build itself:
+`vquant_pl.ops.build`).
 
 Two operators carry the package's hot loops (schemas in `csrc/ops_schema.h`):
 
@@ -9,10 +11,12 @@ Two operators carry the package's hot loops (schemas in `csrc/ops_schema.h`):
 (`TORCH_LIBRARY`), CUDA kernels from `csrc/*.cu`, fake (meta) implementations here, so
 `torch.compile` traces them as single nodes. They are built with
 `torch.utils.cpp_extension` on first use, or ahead with `python -m vquant_pl.ops.kernels`
-(`vquant build-kernels`), into a folder named after the package version and a hash of the
-sources (and of torch's version), under a file lock. A failed build is tried once per
-process and reported once, as a warning with the reason; `torch.ops.vquant_py` then holds
-the same two operators in pure PyTorch (`torch.library.custom_op`, identical results).
+(`vquant build-kernels`), into a private folder named after the package version, a hash of
+the sources (and of torch's version) and, for CUDA, the target GPU architectures, under a
+file lock (`vquant_pl.ops.build`). A failed build, or a build folder that is not safe to
+load from, is tried once per process and reported once, as a warning with the reason;
+`torch.ops.vquant_py` then holds the same two operators in pure PyTorch
+(`torch.library.custom_op`, identical results).
 
 The CUDA kernels are checked at first use against the PyTorch reference on a small fixed
 case (`self_check`); on any difference a loud warning is given and CUDA tensors take the
@@ -28,46 +32,24 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import os
 import re
-import shutil
 import sys
 import time
 import warnings
-from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .squant import ROUNDINGS, _levels, squant_round_torch
+# The build's public names stay importable from here (`kernels.build`, `kernels.build_name`, ...).
+from .build import (BUILD_SECONDS, ENV_BUILD_DIR, ENV_VERBOSE, KINDS, BackendUnavailable,  # noqa: F401
+                    build, build_name, build_root, cuda_archs, find_cuda_home, package_version, source_dir)
+from .build import rank_zero as _rank_zero
+from .squant import ROUNDINGS, levels, squant_round_torch
 
 ENV_BACKEND = "VQUANT_BACKEND"
-ENV_BUILD_DIR = "VQUANT_BUILD_DIR"
-ENV_VERBOSE = "VQUANT_VERBOSE_BUILD"
-KINDS = ("cpu", "cuda", "emulation")
-# First builds measured on a 2-core x86_64 (g++, nvcc 13.0 for one architecture), shown in the build message.
-BUILD_SECONDS = {"cpu": 45, "cuda": 120, "emulation": 25}
-_SOURCES = {
-    "cpu": ("ops.cpp", "squant_cpu.cpp", "fake_quant_cpu.cpp"),
-    "cuda": ("squant_cuda.cu", "fake_quant_cuda.cu", "register_cuda.cpp"),
-    "emulation": ("cuda_emulation_build.cpp",),
-}
-_FLAGS = {
-    "cpu": dict(extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"]),
-    "cuda": dict(extra_cflags=["-O3", "-ffp-contract=off"], extra_cuda_cflags=["-O3", "--fmad=false"]),
-    "emulation": dict(extra_cflags=["-O2", "-fopenmp", "-ffp-contract=off", "-DVQUANT_CUDA_EMULATION"],
-                      extra_ldflags=["-fopenmp"], with_cuda=False),
-}
-
-
-class BackendUnavailable(RuntimeError):
-    """A native backend could not be built or cannot run here."""
-
-
 # Per process: None (not tried yet), "native", or why not (one attempt per kind).
 _state: dict[str, str | None] = {"cpu": None, "cuda": None}
 attempts: dict[str, int] = {"cpu": 0, "cuda": 0}
@@ -148,180 +130,9 @@ def _(x, scale, zero_point, q_min, q_max):
     return torch.empty_like(x)
 
 
-# ------------------------------------------------------------------------------------ building
-def source_dir() -> Path:
-    """The folder of the C++/CUDA sources (installed as `vquant_pl.csrc`)."""
-    return Path(str(resources.files("vquant_pl.csrc")))
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("vquant-pl")
-    except Exception:  # not installed (a plain checkout on sys.path)
-        return "0+unknown"
-
-
-def build_root() -> Path:
-    """Where builds go: `$VQUANT_BUILD_DIR`, else `$XDG_CACHE_HOME/vquant_pl` (~/.cache)."""
-    if os.environ.get(ENV_BUILD_DIR):
-        return Path(os.environ[ENV_BUILD_DIR]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vquant_pl"
-
-
-def build_name(kind: str, src: Path | None = None, defines: tuple[str, ...] = ()) -> str:
-    """`vquant_<kind>_<package version>_<hash>`: the hash covers every file of the source
-    folder, the flags, torch's and Python's versions, so any change builds anew."""
-    src = Path(src or source_dir())
-    digest = hashlib.sha256()
-    for path in sorted(p for p in src.iterdir() if p.suffix in (".h", ".cpp", ".cu")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(repr((kind, _SOURCES[kind], _FLAGS[kind], defines, torch.__version__, torch.version.cuda,
-                        sys.version_info[:2])).encode())
-    version = re.sub(r"[^0-9A-Za-z]+", "_", package_version())
-    return f"vquant_{kind}_{version}_{digest.hexdigest()[:12]}"
-
-
-def _rank_zero() -> bool:
-    return all(os.environ.get(v, "0") in ("", "0") for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
-
-
-def _say(message: str) -> None:
-    if _rank_zero():
-        print(message, file=sys.stderr, flush=True)
-
-
 def _warn(message: str) -> None:
     if _rank_zero():
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive OS lock (released by the kernel if the holder dies): one build at a time."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: torch's own lock inside cpp_extension.load still applies
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _cpp_extension():
-    """`torch.utils.cpp_extension`, imported without its log line about a missing CUDA runtime."""
-    import logging
-
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-    return cpp_extension
-
-
-def find_cuda_home() -> str | None:
-    """A CUDA toolkit with headers: $CUDA_HOME, torch's guess, nvcc's real location, /usr/local/cuda."""
-    cpp_extension = _cpp_extension()
-
-    nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME,
-                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
-    for home in candidates:
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
-
-
-def build(kind: str, src: Path | str | None = None, defines: tuple[str, ...] = (),
-          verbose: bool | None = None) -> Path:
-    """Build (first time only) and load the library `kind` (`cpu`, `cuda`, `emulation`) from
-    `src` (default: the package's sources); returns the path of the shared library.
-
-    Args:
-        kind: which library.
-        src: the source folder (tests build modified copies).
-        defines: extra `-D` definitions (e.g. `("VQ_EMU_NS=vquant_emu_bug",)`).
-        verbose: show the compiler's output (default: `$VQUANT_VERBOSE_BUILD == "1"`).
-
-    Raises:
-        BackendUnavailable: no compiler, ninja, CUDA toolkit, or a compile error (the reason).
-    """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kernel library {kind!r}; expected one of {', '.join(KINDS)}")
-    src = Path(src or source_dir())
-    name = build_name(kind, src, defines)
-    folder = build_root() / name
-    library = folder / f"{name}.so"
-    done = folder / "BUILD_OK"
-    if not (done.is_file() and library.is_file()):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise BackendUnavailable(f"cannot create the build folder {folder}: {err}") from err
-        with _file_lock(folder / "vquant.lock"):
-            if not (done.is_file() and library.is_file()):  # another process may have built it meanwhile
-                _compile(kind, src, name, folder, defines, verbose)
-                done.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    try:
-        torch.ops.load_library(str(library))
-    except OSError as err:
-        raise BackendUnavailable(f"cannot load {library}: {err}") from err
-    return library
-
-
-def _compile(kind: str, src: Path, name: str, folder: Path, defines: tuple[str, ...], verbose: bool | None) -> None:
-    cpp_extension = _cpp_extension()
-
-    flags = {k: list(v) if isinstance(v, list) else v for k, v in _FLAGS[kind].items()}
-    flags["extra_cflags"] = flags["extra_cflags"] + [f"-D{d}" for d in defines]
-    if kind == "cuda":
-        home = find_cuda_home()
-        if home is None:
-            raise BackendUnavailable("no CUDA toolkit with headers found (nvcc); set CUDA_HOME")
-        cpp_extension.CUDA_HOME = home  # torch guesses from `which nvcc`, which may be a wrapper
-    if verbose is None:
-        verbose = os.environ.get(ENV_VERBOSE) == "1"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise BackendUnavailable(f"no C++ compiler: {compiler!r} is not on PATH (install g++ or set CXX)")
-    if not cpp_extension.is_ninja_available():
-        raise BackendUnavailable("ninja is not installed (pip install ninja)")
-    _say(f"vquant_pl: building the native kernels (first use only, about {BUILD_SECONDS[kind]} s): "
-         f"{kind} library in {folder}")
-    start = time.perf_counter()
-    import logging
-
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    if not verbose:
-        logger.setLevel(logging.ERROR)  # notes on CUDA_HOME and compiler versions
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cpp_extension.load(name=name, sources=[str(src / f) for f in _SOURCES[kind]], build_directory=str(folder),
-                               extra_include_paths=[str(src)], is_python_module=False, verbose=verbose, **flags)
-    except Exception as err:  # a compile error, a missing toolkit header, ...
-        raise BackendUnavailable(f"could not build the {kind} kernels: {_summary(err)}") from err
-    finally:
-        logger.setLevel(level)
-    _say(f"vquant_pl: built the {kind} kernels in {time.perf_counter() - start:.0f} s")
-
-
-def _summary(err: BaseException, limit: int = 600) -> str:
-    """The lines of a build log that say what went wrong (errors first), shortened."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    wanted = [line for line in lines if re.search(r"error|not found|no such file|fatal", line, re.IGNORECASE)
-              and not line.startswith(("FAILED:", "ninja:"))]
-    text = " | ".join(dict.fromkeys(wanted[:4] or lines[-3:]))
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _short(err: BaseException, limit: int = 1500) -> str:
@@ -444,7 +255,7 @@ def self_check(namespace: Any, device: str | torch.device) -> list[str]:
     for w, bits in weights:
         codes = weight_codes(w, bits)[0]
         for rounding in ROUNDINGS[1:]:
-            k_level, c_level = _levels(rounding, codes.shape[-1])
+            k_level, c_level = levels(rounding, codes.shape[-1])
             expected = squant_round_torch(codes, bits, rounding)
             try:
                 got = namespace.squant_round(codes.to(device), bits, k_level, c_level).cpu()
