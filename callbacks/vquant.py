@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from vquant_pl import _lightning as pl  # either Lightning namespace (lightning.pytorch, pytorch_lightning)
 from vquant_pl._lightning import rank_zero_info, rank_zero_warn
 
-from vquant_pl.config import AciqStats, ActRange, Backend, BnBiasCorrection, QuantConfig, Rounding
+from vquant_pl.config import (AciqStats, ActRange, Backend, BiasCorrectionRule, BitAllocationRule, BnBiasCorrection,
+                              QuantConfig, Rounding)
 from vquant_pl.probe import Probe
 from vquant_pl.quantize import (activation_ranges, is_quantized, quantization_report, quantize_model, restore_model,
                                 set_activation_ranges)
@@ -29,30 +30,11 @@ class VQuantCallback(pl.Callback):
     restore the exact float weights at their end, unless `keep_quantized`.
 
     The quantization settings are those of `vquant_pl.QuantConfig` (one keyword each, same
-    defaults and checks), plus the callback's own.
+    names, defaults, types and checks; tests hold the signature to the dataclass), plus the
+    callback's own.
 
     Args:
-        weight_bits: weight bits (2..8); None leaves the model float (a baseline run).
-        act_bits: activation bits (2..8); None keeps activations float.
-        rounding: weight rounding: nearest, squant-e, squant-k, squant-c or squant.
-        act_range: activation ranges: bn (BatchNorm-derived, sigma fallback; default), sigma (the paper's
-            rule), bn-mse, aciq-laplace, aciq-gauss, max, percentile, mse, entropy or none.
-        sigma: width of the sigma rule; None means the paper's value for the bits (12/14/25).
-        bn_k: standard deviations of BN ranges; None means the default for the bits.
-        aciq_stats: where ACIQ measures the spread: probe or bn.
-        bias_correction: ACIQ's per-channel weight bias correction.
-        bit_allocation: ACIQ per-output-channel weight bits.
-        act_bit_allocation: per-channel activation ranges and bits from BatchNorm.
-        bn_bias_correction: bias correction from BatchNorm statistics: weights (default), all or None.
-        equalize: equalize activation channel ranges into the weights before quantization.
-        equalize_alpha: equalization strength in [0, 1].
-        equalize_k: standard deviations of the BatchNorm range that equalization balances.
-        weight_clip: clamp each weight channel to its MSE-optimal range before quantization.
-        percentile: percentile of the data-driven percentile calibrator.
-        calib_batches: batches of the data module's val_dataloader() for data-driven ranges.
-        probe_seed: seed of the noise probe.
-        probe_shape: shape of the noise probe; None means (256, C, H, W) at the model's size.
-        backend: SQuant backend: None (fastest), torch, cpp or cuda.
+{settings}
         probe: a probe tensor or `Probe`, instead of probe_seed/probe_shape (Python use).
         target: dotted name of the submodule to quantize; None quantizes the whole LightningModule.
         stages: the stages that run quantized: any of test, validate, predict.
@@ -82,16 +64,13 @@ class VQuantCallback(pl.Callback):
                  equalize: bool = False, equalize_alpha: float = 0.5, equalize_k: float = 4.0,
                  weight_clip: bool = False, percentile: float = 99.99, calib_batches: Optional[int] = 8,
                  probe_seed: int = 0, probe_shape: Optional[Sequence[int]] = None, backend: Optional[Backend] = None,
+                 act_per_channel: bool = False, bit_allocation_rule: BitAllocationRule = "aciq",
+                 bias_correction_rule: BiasCorrectionRule = "mean", aciq_cap: bool = False,
                  probe: Union[Tensor, Probe, None] = None, target: Optional[str] = None,
                  stages: Union[Stage, Sequence[Stage]] = ("test",), keep_quantized: bool = False,
                  verbose: bool = True):
-        settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range,
-                        sigma=sigma, bn_k=bn_k, aciq_stats=aciq_stats, bias_correction=bias_correction,
-                        bit_allocation=bit_allocation, act_bit_allocation=act_bit_allocation,
-                        bn_bias_correction=bn_bias_correction, equalize=equalize, equalize_alpha=equalize_alpha,
-                        equalize_k=equalize_k, weight_clip=weight_clip, percentile=percentile,
-                        calib_batches=calib_batches, probe_seed=probe_seed,
-                        probe_shape=tuple(probe_shape) if probe_shape is not None else None, backend=backend)
+        given = locals()
+        settings = {name: given[name] for name in QuantConfig.field_names()}
         # weight_bits None: the float baseline, nothing is quantized (the rest is still checked)
         self._checked = QuantConfig(**(settings | {"weight_bits": 4 if weight_bits is None else weight_bits}))
         self.config: QuantConfig | None = None if weight_bits is None else self._checked
@@ -107,6 +86,7 @@ class VQuantCallback(pl.Callback):
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
         self._quantized: nn.Module | None = None  # the module this callback quantized
         self.report: QuantReport | None = None
+
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -274,3 +254,7 @@ class VQuantCallback(pl.Callback):
                     add_figure("vquant/layers", layer_figure(report), trainer.global_step)
         if self.verbose:
             rank_zero_info(report.table() + f"\nquantized in {seconds:.2f} s")
+
+
+VQuantCallback.__doc__ = VQuantCallback.__doc__.replace("{settings}", QuantConfig.args_doc(
+    weight_bits="weight bits (2..8); None leaves the model float (a baseline run)."))

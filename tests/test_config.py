@@ -12,37 +12,59 @@ import vquant_pl as vq
 from vquant_pl.config import QuantConfig
 from vquant_pl.methods.table import METHODS
 
+from helpers import NON_DEFAULT
+
 # the callback's documented differences from QuantConfig: None is the float baseline
 CALLBACK_DEFAULTS = {"weight_bits": 4}
 
 
-def test_quantize_model_takes_every_setting_with_the_same_default():
+def test_the_shared_non_default_values_cover_every_field():
+    assert list(NON_DEFAULT) == QuantConfig.field_names(), "add the new QuantConfig field to tests/helpers NON_DEFAULT"
+    config = QuantConfig(**NON_DEFAULT)
+    assert all(getattr(config, k) != getattr(QuantConfig(), k) for k in NON_DEFAULT)
+
+
+def test_quantize_model_takes_every_setting_with_the_same_default_and_type():
     params = inspect.signature(vq.quantize_model).parameters
+    hints = typing.get_type_hints(QuantConfig)
     for f in dataclasses.fields(QuantConfig):
         assert f.name in params, f"quantize_model lacks the setting {f.name}"
         assert params[f.name].default == f.default, f.name
+        assert params[f.name].annotation == hints[f.name], f.name
+    assert list(params)[:7] == ["model", "weight_bits", "act_bits", "rounding", "act_range", "sigma", "probe"]
 
 
-def test_callback_takes_every_setting_with_the_same_default_and_type():
-    params = inspect.signature(vq.VQuantCallback.__init__).parameters
+def test_callback_takes_every_setting_in_order_with_the_same_default_type_and_help():
+    params = list(inspect.signature(vq.VQuantCallback.__init__).parameters.values())[1:]
     hints = typing.get_type_hints(vq.VQuantCallback.__init__)
     config_hints = typing.get_type_hints(QuantConfig)
-    for f in dataclasses.fields(QuantConfig):
-        assert f.name in params, f"VQuantCallback lacks the setting {f.name}"
-        assert params[f.name].default == CALLBACK_DEFAULTS.get(f.name, f.default), f.name
+    names = QuantConfig.field_names()
+    assert [p.name for p in params[:len(names)]] == names, "the callback's first arguments are QuantConfig's fields"
+    for f, p in zip(dataclasses.fields(QuantConfig), params):
+        assert p.default == CALLBACK_DEFAULTS.get(f.name, f.default), f.name
         if f.name not in ("weight_bits", "probe_shape"):
             assert hints[f.name] == config_hints[f.name], f.name
         assert f"        {f.name}: " in vq.VQuantCallback.__doc__, f"no Args help for {f.name}"
+    assert "{settings}" not in vq.VQuantCallback.__doc__
 
 
-def test_every_callback_setting_reaches_the_run():
-    changed = dict(weight_bits=6, act_bits=6, rounding="squant-k", act_range="aciq-laplace", sigma=9.0, bn_k=2.5,
-                   aciq_stats="bn", bias_correction=True, bit_allocation=True, act_bit_allocation=True,
-                   percentile=99.0, calib_batches=3, probe_seed=7, probe_shape=(2, 3, 8, 8), backend="torch",
-                   bn_bias_correction="all", equalize=True, equalize_alpha=0.3, equalize_k=3.0, weight_clip=True)
-    assert set(changed) == set(QuantConfig.field_names())
-    cb = vq.VQuantCallback(**changed)
-    assert cb.config == QuantConfig(**changed)
+def test_every_setting_reaches_the_callbacks_run_and_quantize_model():
+    cb = vq.VQuantCallback(**NON_DEFAULT)
+    assert cb.config == QuantConfig(**NON_DEFAULT)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    report = vq.quantize_model(net, **NON_DEFAULT)
+    assert report.config == QuantConfig(**NON_DEFAULT)
+
+
+def test_a_keyword_given_with_config_wins_even_when_it_equals_the_default():
+    """Issue 18 item 7: `act_bits=4` beside `config=QuantConfig(act_bits=6)` was dropped (4 is the default)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    report = vq.quantize_model(net, act_bits=4, config=QuantConfig(act_bits=6, weight_bits=8), probe_shape=(8, 4))
+    assert report.config.act_bits == 4 and report.config.weight_bits == 8
+    assert [r.act_bits for r in report.layers] == [None, 8]  # the last layer's input: 8 bits (rule 4)
+    vq.restore_model(net)
+    report = vq.quantize_model(net, 4, config=QuantConfig(weight_bits=6), probe_shape=(8, 4))
+    assert report.config.weight_bits == 4
 
 
 def test_act_range_table_has_one_entry_per_choice():
@@ -52,8 +74,10 @@ def test_act_range_table_has_one_entry_per_choice():
 def test_unknown_and_conflicting_settings():
     with pytest.raises(TypeError, match="unknown quantization setting"):
         QuantConfig.from_kwargs(act_bitz=4)
-    with pytest.raises(TypeError, match="not both"):
-        vq.quantize_model(nn.Linear(2, 2), act_bits=6, config=QuantConfig())
+    with pytest.raises(TypeError, match="act_bitz"):
+        vq.quantize_model(nn.Linear(2, 2), act_bitz=6)
+    with pytest.raises(TypeError, match="config must be a vquant_pl.QuantConfig"):
+        vq.quantize_model(nn.Linear(2, 2), config={"act_bits": 6})
     with pytest.raises(ValueError, match="percentile must be in"):
         QuantConfig(percentile=101)
     with pytest.raises(ValueError, match="probe_shape must be a batch shape"):
@@ -76,11 +100,10 @@ def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
 
     from vquant_pl.cli.app import make_cli
 
-    overrides = {"weight_bits": "6", "act_bits": "6", "rounding": "squant-c", "act_range": "bn", "sigma": "9.5",
-                 "bn_k": "2.5", "aciq_stats": "bn", "bias_correction": "true", "bit_allocation": "true",
-                 "act_bit_allocation": "true", "percentile": "99.5", "calib_batches": "3", "probe_seed": "7",
-                 "probe_shape": "[2,3,8,8]", "backend": "torch", "bn_bias_correction": "all", "equalize": "true",
-                 "equalize_alpha": "0.3", "equalize_k": "3.0", "weight_clip": "true"}
+    def cli_value(v):
+        return str(v).lower() if isinstance(v, bool) else f"[{','.join(map(str, v))}]" if isinstance(v, tuple) else str(v)
+
+    overrides = {name: cli_value(v) for name, v in NON_DEFAULT.items()}
     assert set(overrides) == set(QuantConfig.field_names()), "a QuantConfig field has no CLI override here"
     args = ["--config", "quickstart/w8a8", "--model.pretrained", "false"]
     for name, value in overrides.items():
@@ -89,8 +112,4 @@ def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
         warnings.simplefilter("ignore")
         cli = make_cli(args, run=False)
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, vq.VQuantCallback))
-    assert cb.config == QuantConfig(weight_bits=6, act_bits=6, rounding="squant-c", act_range="bn", sigma=9.5,
-                                    bn_k=2.5, aciq_stats="bn", bias_correction=True, bit_allocation=True,
-                                    act_bit_allocation=True, percentile=99.5, calib_batches=3, probe_seed=7,
-                                    probe_shape=(2, 3, 8, 8), backend="torch", bn_bias_correction="all",
-                                    equalize=True, equalize_alpha=0.3, equalize_k=3.0, weight_clip=True)
+    assert cb.config == QuantConfig(**NON_DEFAULT)

@@ -19,6 +19,8 @@ ActRange = Literal["bn", "sigma", "bn-mse", "aciq-laplace", "aciq-gauss", "max",
 BnBiasCorrection = Literal["weights", "all"]
 AciqStats = Literal["probe", "bn"]
 Backend = Literal["torch", "cpp", "cuda"]
+BitAllocationRule = Literal["aciq", "exact"]
+BiasCorrectionRule = Literal["mean", "mean-std", "paper"]
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -83,6 +85,15 @@ class QuantConfig:
         probe_seed: seed of the default noise probe.
         probe_shape: shape of the default probe; None means (256, C, H, W) at the model's size.
         backend: SQuant backend: None (fastest available), ``torch``, ``cpp`` or ``cuda``.
+        act_per_channel: a range per input channel from BatchNorm statistics (ACIQ's ``-pcq_a``;
+            implied by ``act_bit_allocation``); needs ``bn`` or ACIQ with ``aciq_stats='bn'``.
+        bit_allocation_rule: ``aciq`` (the original code: std prior, only at 4 bits or fewer,
+            0..8 bits, budget met approximately) or ``exact`` (ours: range prior, any bit
+            width, the budget met exactly); for ``bit_allocation`` and ``act_bit_allocation``.
+        bias_correction_rule: ``bias_correction``'s rule: ``mean`` (the original's ``-bcw``),
+            ``mean-std`` (``-vcw -bcw``) or ``paper`` (``xi (Wq + mu)``).
+        aciq_cap: keep ACIQ ranges inside the tensor's observed (probe) or known (BatchNorm:
+            a ReLU6's 6) ``[min, max]`` (the original's ``clip2max``, off in its runs).
 
     Raises:
         ValueError: naming the first setting that is out of range or inconsistent.
@@ -112,6 +123,10 @@ class QuantConfig:
     probe_seed: int = 0
     probe_shape: Optional[tuple[int, ...]] = None
     backend: Optional[Backend] = None
+    act_per_channel: bool = False
+    bit_allocation_rule: BitAllocationRule = "aciq"
+    bias_correction_rule: BiasCorrectionRule = "mean"
+    aciq_cap: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -130,7 +145,10 @@ class QuantConfig:
         if (isinstance(self.equalize_alpha, bool) or not isinstance(self.equalize_alpha, (int, float))
                 or not 0 <= self.equalize_alpha <= 1):
             raise ValueError(f"equalize_alpha must be a number in [0, 1], got {self.equalize_alpha!r}")
-        for name in ("bias_correction", "bit_allocation", "act_bit_allocation", "equalize", "weight_clip"):
+        _choice(self.bit_allocation_rule, "bit_allocation_rule", BitAllocationRule)
+        _choice(self.bias_correction_rule, "bias_correction_rule", BiasCorrectionRule)
+        for name in ("bias_correction", "bit_allocation", "act_bit_allocation", "equalize", "weight_clip",
+                     "act_per_channel", "aciq_cap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _positive(self.percentile, "percentile", allow_none=False)
@@ -152,6 +170,18 @@ class QuantConfig:
                              "activations and act_range='bn', or 'aciq-laplace'/'aciq-gauss' with aciq_stats='bn' "
                              f"(got act_bits={self.act_bits!r}, act_range={self.act_range!r}, "
                              f"aciq_stats={self.aciq_stats!r})")
+        if self.act_per_channel and (self.act_bits is None or not self.ranges_from_bn):
+            raise ValueError("act_per_channel takes per-channel statistics from BatchNorm: it needs quantized "
+                             "activations and act_range='bn', or 'aciq-laplace'/'aciq-gauss' with aciq_stats='bn' "
+                             f"(got act_bits={self.act_bits!r}, act_range={self.act_range!r}, "
+                             f"aciq_stats={self.aciq_stats!r})")
+        if self.aciq_cap and not self.act_range.startswith("aciq-"):
+            raise ValueError(f"aciq_cap applies to act_range 'aciq-laplace'/'aciq-gauss', got {self.act_range!r}")
+        if self.bias_correction_rule != "mean" and not self.bias_correction:
+            raise ValueError(f"bias_correction_rule={self.bias_correction_rule!r} needs bias_correction=True")
+        if self.bit_allocation_rule != "aciq" and not (self.bit_allocation or self.act_bit_allocation):
+            raise ValueError(f"bit_allocation_rule={self.bit_allocation_rule!r} needs bit_allocation or "
+                             "act_bit_allocation")
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -182,6 +212,22 @@ class QuantConfig:
         if resolved:
             out["sigma"] = self.resolved_sigma
         return out
+
+    @classmethod
+    def args_doc(cls, indent: str = "        ", **replacements: str) -> str:
+        """The `Args:` lines of this docstring, one setting each (for the docstrings of the
+        callers that take every setting); `replacements` give a setting other help text."""
+        lines = (cls.__doc__ or "").split("Args:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        out: list[str] = []
+        for line in lines:
+            name = line.strip().split(":", 1)[0]
+            if line.startswith("        ") and not line.startswith("            ") and name in replacements:
+                out.append(f"{indent}{name}: {replacements[name]}")
+                continue
+            if line.startswith("            ") and out and out[-1].split(":", 1)[0].strip() in replacements:
+                continue  # the continuation of a replaced line
+            out.append(indent + line[8:] if line.startswith("        ") else line)
+        return "\n".join(out)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -7,19 +7,20 @@ restorable. The rules are in docs/quantization-rules.md.
 """
 from __future__ import annotations
 
+import inspect
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .ops import backends
-from .methods.aciq import allocate_bits, bias_correct
+from .methods.aciq import PreActivationTap, bias_correct, weight_channel_bits
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer
-from .methods.channels import bn_channel_quantizer
-from .config import AciqStats, ActRange, Backend, BnBiasCorrection, QuantConfig, Rounding
+from .config import QuantConfig
 from .input_quantizer import InputQuantizer, Quantizer
 from .probe import Probe, make_probe
 from .methods.table import METHODS, RangeMethod
@@ -51,6 +52,7 @@ class _Plan:
     float_weights: dict[str, Tensor] = field(default_factory=dict)  # just before rounding (for bias correction)
     probe: Tensor | None = None
     probe_info: dict | None = None
+    tap: PreActivationTap | None = None  # ACIQ on the probe: moments before each ReLU
     backend: str = "torch"
 
 
@@ -110,12 +112,12 @@ def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
         s = stats[name]
         if isinstance(s, str):
             plan.fixed[name] = s
-        elif not config.act_bit_allocation:
+        elif not (config.act_bit_allocation or config.act_per_channel):
             plan.fixed[name] = ActivationQuantizer(bits, *method.range_from_bn(s, bits, config, layer))
         elif s.mean.numel() != in_channels(layer):
             plan.fixed[name] = f"BN statistics for {s.mean.numel()} channels, input has {in_channels(layer)}"
         else:
-            plan.fixed[name] = bn_channel_quantizer(s, lambda b: method.bn_k(b, config), bits, input_channel_dim(layer))
+            plan.fixed[name] = method.bn_channels(s, bits, config, input_channel_dim(layer))
 
 
 def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, calibration) -> _Plan:
@@ -135,8 +137,8 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
             raise ValueError(f"act_range {config.act_range!r} is data-driven: pass calibration= (batches of inputs)")
         return plan
     if plan.method.uses_bn(config):
-        if config.act_bit_allocation and plan.method.bn_k is None:
-            raise ValueError(f"act_bit_allocation needs a BatchNorm range in standard deviations; act_range "
+        if (config.act_bit_allocation or config.act_per_channel) and plan.method.bn_channels is None:
+            raise ValueError(f"act_bit_allocation / act_per_channel need per-channel BatchNorm ranges; act_range "
                              f"{config.act_range!r} has none")
         _bn_ranges(model, plan)
         if not any(isinstance(v, str) for v in plan.fixed.values()):
@@ -181,22 +183,28 @@ def _prepare(model: nn.Module, plan: _Plan) -> bool:
 
 
 def quantize_layer_weight(weight: Tensor, bits: int, rounding: str, backend: str | None,
-                          bias_correction: bool = False, bit_allocation: bool = False) -> tuple[Tensor, Tensor | None]:
+                          bias_correction: bool = False, bit_allocation: bool = False,
+                          bit_allocation_rule: str = "aciq",
+                          bias_correction_rule: str = "mean") -> tuple[Tensor, Tensor | None]:
     """A layer's quantized weight; with `bit_allocation`, output channels get ACIQ-allocated
-    bits (averaging `bits`; returned as the second value), grouped so that SQuant still runs
-    per channel; with `bias_correction`, ACIQ's per-channel correction is applied after."""
-    channel_bits = None
-    if bit_allocation and weight.shape[0] > 1:
-        flat = weight.detach().float().reshape(weight.shape[0], -1)
-        channel_bits = allocate_bits((flat.amax(1) - flat.amin(1)) / 2, bits)
+    bits (`methods.aciq.weight_channel_bits`; returned as the second value, None where the
+    rule allocates nothing), grouped so that SQuant still runs per channel; a channel given
+    0 bits becomes its minimum, as in the original code. With `bias_correction`, ACIQ's
+    per-channel correction (`bias_correction_rule`) is applied after."""
+    channel_bits = weight_channel_bits(weight, bits, bit_allocation_rule) if bit_allocation else None
+    if channel_bits is not None:
         q = torch.empty_like(weight)
         for b in channel_bits.unique().tolist():
             rows = (channel_bits == b).nonzero().flatten().to(weight.device)
-            q[rows] = quantize_weight(weight[rows], b, rounding, backend, _allow_one_bit=True)
+            if b == 0:
+                flat = weight[rows].reshape(rows.numel(), -1)
+                q[rows] = flat.amin(1, keepdim=True).expand_as(flat).reshape(q[rows].shape)
+            else:
+                q[rows] = quantize_weight(weight[rows], b, rounding, backend, _allow_one_bit=True)
     else:
         q = quantize_weight(weight, bits, rounding, backend)
     if bias_correction:
-        q = bias_correct(weight, q)
+        q = bias_correct(weight, q, bias_correction_rule)
     return q, channel_bits
 
 
@@ -225,7 +233,8 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
         if config.bn_bias_correction is not None:
             plan.float_weights[name] = before
         q, channel_bits = quantize_layer_weight(before, config.weight_bits, config.rounding, config.backend,
-                                                config.bias_correction, config.bit_allocation)
+                                                config.bias_correction, config.bit_allocation,
+                                                config.bit_allocation_rule, config.bias_correction_rule)
         weight.copy_(q)
         if weight.is_cuda:
             torch.cuda.synchronize(weight.device)
@@ -233,6 +242,9 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
         row.time_ms = (time.perf_counter() - t0) * 1e3
         if channel_bits is not None:
             row.note = f"channel bits {int(channel_bits.min())}..{int(channel_bits.max())}"
+        elif config.bit_allocation:
+            row.note = (f"no bit allocation at {config.weight_bits} bits (ACIQ allocates at 4 bits or fewer)"
+                        if weight.shape[0] > 1 else "no bit allocation: one output channel")
     return rows, time.perf_counter() - start
 
 
@@ -240,11 +252,12 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
 class _Ranger:
     """`(x, bits) -> (lo, hi, signed)` by a method's probe rule (picklable, no closure)."""
 
-    def __init__(self, method: RangeMethod, config: QuantConfig):
-        self.method, self.config = method, config
+    def __init__(self, method: RangeMethod, config: QuantConfig, tap: PreActivationTap | None = None):
+        self.method, self.config, self.tap = method, config, tap
 
     def __call__(self, x: Tensor, bits: int):
-        return self.method.probe_range(x, bits, self.config)
+        pre = self.tap.lookup(x) if self.tap is not None else None
+        return self.method.range_from_probe(x, bits, self.config, pre)
 
 
 def _attach_input_quantizers(plan: _Plan, rows: list[LayerReport]) -> list[InputQuantizer | None]:
@@ -262,7 +275,9 @@ def _attach_input_quantizers(plan: _Plan, rows: list[LayerReport]) -> list[Input
 
             hook.mode, hook.calibrator = "collect", make_calibrator(config.act_range, bits, None, False)
         elif hook.quantizer is None:
-            hook.mode, hook.ranger = "range", _Ranger(fallback, config)
+            if fallback.pre_activation and plan.tap is None:
+                plan.tap = PreActivationTap()  # ACIQ: one-sided clips from the moments before each ReLU
+            hook.mode, hook.ranger = "range", _Ranger(fallback, config, plan.tap)
             if isinstance(given, str):
                 row.note = _join(row.note, f"bn range fallback to {fallback.name} on the probe: {given}")
         layer.register_forward_pre_hook(hook)
@@ -276,6 +291,8 @@ def _fix_ranges(model: nn.Module, plan: _Plan, hooks: list, calibration, progres
         return 0.0
     start = time.perf_counter()
     handles = _layer_progress(plan.layers, "vquant: ranging activations", progress)
+    if plan.tap is not None:
+        handles.append(plan.tap.install(model))
     try:
         if plan.method.calibrated:
             _calibrate(model, hooks, calibration, plan.config)
@@ -350,20 +367,12 @@ def _fill_row(row: LayerReport, q: Quantizer) -> None:
     row.act_bits, row.act_lo, row.act_hi, row.signed = q.bits, q.lo, q.hi, q.signed
     if isinstance(q, ChannelActivationQuantizer):
         row.note = _join(row.note, f"act channel bits {int(q.channel_bits.min())}..{int(q.channel_bits.max())}")
+        if getattr(q, "note", ""):
+            row.note = _join(row.note, q.note)
 
 
 # -- the public entry points ---------------------------------------------------------------
-def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[int] = 4,
-                   rounding: Rounding = "squant", act_range: ActRange = "bn", sigma: Optional[float] = None,
-                   probe: Tensor | Probe | None = None, *, backend: Optional[Backend] = None,
-                   bias_correction: bool = False, bit_allocation: bool = False, bn_k: Optional[float] = None,
-                   aciq_stats: AciqStats = "probe", calibration: Iterable | None = None,
-                   calib_batches: Optional[int] = 8, percentile: float = 99.99,
-                   act_bit_allocation: bool = False, bn_bias_correction: Optional[BnBiasCorrection] = "weights",
-                   equalize: bool = False, equalize_alpha: float = 0.5, equalize_k: float = 4.0,
-                   weight_clip: bool = False, probe_seed: int = 0,
-                   probe_shape: Optional[Sequence[int]] = None, config: QuantConfig | None = None,
-                   progress: bool | None = None) -> QuantReport:
+def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
     """Quantize `model` in place, data-free, by the VQuant/SQuant rules; return a report.
 
     Weights of every Conv1d/2d/3d and Linear (subclasses included, a shared weight once)
@@ -376,16 +385,15 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[in
 
     Args:
         model: the float model; changed in place (undo with `restore_model`).
-        weight_bits, act_bits, rounding, act_range, sigma, backend, bias_correction,
-            bit_allocation, bn_k, aciq_stats, calib_batches, percentile, act_bit_allocation,
-            bn_bias_correction, equalize, equalize_alpha, equalize_k, weight_clip, probe_seed,
-            probe_shape: the settings, as documented on `QuantConfig`.
+        weight_bits, act_bits, rounding, act_range, sigma, ...: every `QuantConfig` field, by
+            the same name, default and check (the signature is generated from it); the first
+            five may be given by position.
         probe: a probe tensor, a `Probe` (seed and shape), or None for `Probe(probe_seed,
             probe_shape)`: seeded uniform noise, batch 256, at the model's input size.
         calibration: batches of inputs (tensors or `(input, ...)` tuples) for the
             data-driven `act_range`s max/percentile/mse/entropy.
-        config: all settings as one `QuantConfig`; then leave the setting keywords at their
-            defaults.
+        config: the settings as one `QuantConfig`; a setting keyword given beside it wins
+            over the config's value.
         progress: show progress bars (None: only on a terminal).
 
     Returns:
@@ -395,7 +403,8 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[in
         ValueError: a bad setting, a model without quantizable layers, NaN/inf in a weight,
             bias, BatchNorm or the probe (named), a probe that does not fit the model.
         RuntimeError: the model is already quantized, or the probe pass failed.
-        TypeError: `model` is not an nn.Module, or both `config` and differing keywords.
+        TypeError: `model` is not an nn.Module, an unknown keyword, or `config` is not a
+            `QuantConfig`.
 
     On any error the model is left exactly as it was.
 
@@ -406,14 +415,9 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[in
         2
         >>> vq.restore_model(net)
     """
-    settings = dict(weight_bits=weight_bits, act_bits=act_bits, rounding=rounding, act_range=act_range, sigma=sigma,
-                    backend=backend, bias_correction=bias_correction, bit_allocation=bit_allocation, bn_k=bn_k,
-                    aciq_stats=aciq_stats, calib_batches=calib_batches, percentile=percentile,
-                    act_bit_allocation=act_bit_allocation, bn_bias_correction=bn_bias_correction,
-                    equalize=equalize, equalize_alpha=equalize_alpha, equalize_k=equalize_k, weight_clip=weight_clip,
-                    probe_seed=probe_seed,
-                    probe_shape=tuple(probe_shape) if probe_shape is not None else None)
-    config = _merge_config(config, settings)
+    call = _SIGNATURE.bind(model, *args, **kwargs).arguments  # only what the caller gave
+    config = _merge_config(call.get("config"), {k: v for k, v in call.items() if k in _SETTINGS})
+    probe, calibration, progress = call.get("probe"), call.get("calibration"), call.get("progress")
     with torch.inference_mode(False), torch.no_grad(), run_scope():
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
@@ -431,17 +435,40 @@ def quantize_model(model: nn.Module, weight_bits: int = 4, act_bits: Optional[in
     return quantization_report(model)
 
 
-def _merge_config(config: QuantConfig | None, settings: dict) -> QuantConfig:
-    if config is None:
-        return QuantConfig(**settings)
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a vquant_pl.QuantConfig, got {type(config).__name__}")
+_SETTINGS = tuple(QuantConfig.field_names())
+#: After `model`, by position: the paper's API `quantize_model(model, 4, 4, "squant", "sigma", 12.0, probe)`.
+_POSITIONAL = ("weight_bits", "act_bits", "rounding", "act_range", "sigma", "probe")
+
+
+def _signature() -> inspect.Signature:
+    """`quantize_model`'s signature, generated from `QuantConfig` (one list of settings)."""
+    P = inspect.Parameter
     defaults = QuantConfig()
-    differing = [k for k, v in settings.items() if v != getattr(defaults, k)]
-    if differing:
-        raise TypeError(f"give the settings either as config= or as keyword arguments, not both "
-                        f"(config and {', '.join(differing)})")
-    return config
+    hints = typing.get_type_hints(QuantConfig)
+    own = {"probe": ("Tensor | Probe | None", None), "calibration": ("Iterable | None", None),
+           "config": ("QuantConfig | None", None), "progress": ("bool | None", None)}
+
+    def param(name: str, kind) -> inspect.Parameter:
+        if name in own:
+            return P(name, kind, default=own[name][1], annotation=own[name][0])
+        return P(name, kind, default=getattr(defaults, name), annotation=hints[name])
+
+    return inspect.Signature(
+        [P("model", P.POSITIONAL_OR_KEYWORD, annotation=nn.Module)]
+        + [param(n, P.POSITIONAL_OR_KEYWORD) for n in _POSITIONAL]
+        + [param(n, P.KEYWORD_ONLY) for n in (*_SETTINGS, *own) if n not in _POSITIONAL],
+        return_annotation=QuantReport)
+
+
+_SIGNATURE = _signature()
+quantize_model.__signature__ = _SIGNATURE
+
+
+def _merge_config(config: QuantConfig | None, settings: dict[str, Any]) -> QuantConfig:
+    """`config` (or the defaults) with the settings the caller gave applied: a keyword wins."""
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a vquant_pl.QuantConfig, got {type(config).__name__}")
+    return QuantConfig.from_kwargs(config, **settings)
 
 
 def restore_model(model: nn.Module) -> None:
