@@ -6,6 +6,7 @@ import functools
 import importlib
 import logging
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vquant_pl._lightning import LightningDataModule
-from vquant_pl.models import CropMode, Interpolation, Preprocessing, preprocessing_for
+from vquant_pl.models import CropMode, Interpolation, Preprocessing, describe, preprocessing_for
 
 log = logging.getLogger("vquant_pl")
 SYNSET = re.compile(r"^n\d{8}$")
@@ -33,32 +34,98 @@ EMBEDDED_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "
                    "motorcycle_right.png", "hubble_deep_field.jpg", "brick.png", "grass.png", "gravel.png",
                    "retina.jpg", "ihc.png")
 UNLABELED = -1
+QUICKSTART_EXTRA = "quickstart"  # the vquant-pl extra that installs scikit-image
 
 
 def embedded_samples() -> list[tuple[Path, int]]:
-    """The bundled photographs, unlabeled (label -1)."""
+    """The bundled photographs, unlabeled (label -1).
+
+    Raises:
+        ImportError: scikit-image (the `quickstart` extra) is not installed.
+    """
     from importlib import resources
 
     try:
         root = resources.files("skimage") / "data"
     except ModuleNotFoundError as err:
-        raise RuntimeError("the embedded photographs ship with scikit-image: pip install scikit-image") from err
+        raise ImportError(f"root=None means the photographs bundled with scikit-image, which is not installed: "
+                          f"pip install \"vquant-pl[{QUICKSTART_EXTRA}]\" (or pip install scikit-image), "
+                          "or pass root= an image folder") from err
+    missing = [name for name in EMBEDDED_PHOTOS if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"scikit-image at {root} lacks {len(missing)} of the bundled photographs "
+                                f"({', '.join(missing[:3])}); reinstall scikit-image or pass root=")
     return [(Path(str(root / name)), UNLABELED) for name in EMBEDDED_PHOTOS]
+
+
+#: The PIL formats read as images: raster formats only (JPEG includes multi-picture MPO
+#: files). Vector/PostScript formats (EPS, PS), which PIL renders by running Ghostscript,
+#: are never opened, whatever the file's name.
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 
 
 @functools.lru_cache(maxsize=1)
 def image_suffixes() -> frozenset[str]:
-    """Every file suffix (lower case, with the dot) of an image format PIL can open here:
-    .jpeg/.jpg/.png, .webp, .bmp, .tif, .gif, .ppm and the rest of PIL's registry."""
+    """The file suffixes (lower case, with the dot) listed as images: those of the raster
+    formats in `RASTER_FORMATS` that PIL can open here (.jpeg/.jpg, .png, .webp, .bmp,
+    .tif/.tiff, .gif, .ppm/.pgm/.pbm, ...); never .eps/.ps."""
     from PIL import Image
 
     Image.init()
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                     if fmt in RASTER_FORMATS and fmt in Image.OPEN)
 
 
-def _images(folder: Path) -> list[Path]:
+def open_image(path: Path):
+    """`PIL.Image.open(path)` restricted to `RASTER_FORMATS`: the content decides the
+    format (a PNG named .JPEG opens), but never as EPS/PS or another non-raster format."""
+    from PIL import Image
+
+    Image.init()
+    return Image.open(path, formats=[fmt for fmt in RASTER_FORMATS if fmt in Image.OPEN])
+
+
+def _images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
+    """The image files of `folder`, sorted; other visible files are added to `ignored`."""
     suffixes = image_suffixes()
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if ignored is not None:
+        ignored += [p for p in files if p.suffix.lower() not in suffixes]
+    return sorted(p for p in files if p.suffix.lower() in suffixes)
+
+
+def read_synsets_file(path: Path) -> list[str]:
+    """The devkit's synset list in ILSVRC2012 ID order: one line per class, its first
+    token the synset (`n01440764` or `n01440764 tench, Tinca tinca`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not exactly the 1000 distinct ImageNet-1k synsets (the error names the
+            file, the count, and the duplicates or unknown synsets).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"synsets file {path} not found")
+    order = []
+    for n, line in enumerate(_read_text(path, "synsets file").splitlines(), 1):
+        if line.strip():
+            token = line.split()[0]
+            if not SYNSET.match(token):
+                raise ValueError(f"synsets file {path}, line {n}: {token[:40]!r} is not a synset (nXXXXXXXX)")
+            order.append(token)
+    known = set(imagenet_synsets())
+    unknown = [s for s in order if s not in known]
+    seen: set[str] = set()
+    duplicates = [s for s in order if s in seen or seen.add(s)]
+    if len(order) != len(known) or unknown or duplicates:
+        detail = [f"{len(order)} synsets ({len(set(order))} distinct)"]
+        if duplicates:
+            detail.append(f"repeated: {', '.join(duplicates[:3])}{' ...' if len(duplicates) > 3 else ''}")
+        if unknown:
+            detail.append(f"not ImageNet-1k: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+        raise ValueError(f"synsets file {path} must list the {len(known)} distinct ImageNet-1k synsets in "
+                         f"ILSVRC2012 ID order, but has {'; '.join(detail)}: every ID would map to a wrong class")
+    return order
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -95,38 +162,44 @@ def read_labels_file(path: Path, files: list[Path], classes: dict[str, int],
     - text, `filename label` per line;
     - text, one ILSVRC2012 ID (1-based) per line in file-name order, the official
       `ILSVRC2012_validation_ground_truth.txt`, with `synsets_file` listing the synsets in
-      ILSVRC2012 ID order (from the devkit).
+      ILSVRC2012 ID order (from the devkit; see `read_synsets_file`).
+
+    Raises:
+        FileNotFoundError: no labels (or synsets) file.
+        ValueError: a malformed line (file and line named), a count that does not match the
+            images, a synsets file that is not the 1000 ImageNet-1k synsets, or a
+            `synsets_file` with a labels file that does not hold ILSVRC2012 IDs.
     """
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} not found")
     numbered = [(i + 1, ln.strip()) for i, ln in enumerate(_read_text(path, "labels file").splitlines())]
     numbered = [(n, ln) for n, ln in numbered if ln]
     lines = [ln for _, ln in numbered]
-    if path.suffix.lower() == ".csv":
-        pairs = []
-        for (n, ln), row in zip(numbered, csv.reader(lines)):
-            if len(row) < 2 or not row[1].split():
-                raise ValueError(f"labels file {path}, line {n}: expected 'filename,label', got {ln[:60]!r}")
-            pairs.append((row[0].strip(), row[1].split()[0]))
-        if pairs and not (SYNSET.match(pairs[0][1]) or pairs[0][1].isdigit()):
-            pairs = pairs[1:]  # a header row
-    elif all(ln.isdigit() for ln in lines):
+    official = path.suffix.lower() != ".csv" and bool(lines) and all(ln.isdigit() for ln in lines)
+    if synsets_file is not None and not official:
+        raise ValueError(f"synsets_file {synsets_file} applies only to the official ground truth (one "
+                         f"ILSVRC2012 ID per line), but labels file {path} names its classes itself; drop synsets_file")
+    if official:
         if len(lines) != len(files):
             raise ValueError(f"labels file {path} has {len(lines)} lines but {files[0].parent if files else path.parent} "
                              f"holds {len(files)} images")
         if synsets_file is None:
             raise ValueError(f"labels file {path} holds ILSVRC2012 IDs; pass synsets_file= the devkit's "
                              "synset list in ILSVRC2012 ID order to map them to classes")
-        order = Path(synsets_file).read_text().split()
-        order = [s for s in order if SYNSET.match(s)]
-        out = []
-        for i, ln in enumerate(lines):
+        order = read_synsets_file(Path(synsets_file))
+        for n, ln in numbered:
             if not 1 <= int(ln) <= len(order):
-                raise ValueError(f"labels file {path}, line {i + 1}: ID {ln} outside 1..{len(order)}")
-            out.append(_label(order[int(ln) - 1], f"{synsets_file}", classes))
-        return out
+                raise ValueError(f"labels file {path}, line {n}: ID {ln} outside 1..{len(order)}")
+        return [classes[order[int(ln) - 1]] for ln in lines]
+    pairs = []
+    if path.suffix.lower() == ".csv":
+        for (n, ln), row in zip(numbered, csv.reader(lines)):
+            if len(row) < 2 or not row[1].split():
+                raise ValueError(f"labels file {path}, line {n}: expected 'filename,label', got {ln[:60]!r}")
+            pairs.append((row[0].strip(), row[1].split()[0]))
+        if pairs and not (SYNSET.match(pairs[0][1]) or pairs[0][1].isdigit()):
+            pairs = pairs[1:]  # a header row
     else:
-        pairs = []
         for n, ln in numbered:
             tokens = ln.split()
             if len(tokens) < 2:
@@ -149,12 +222,25 @@ def read_labels_file(path: Path, files: list[Path], classes: dict[str, int],
 
 
 def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | None = None) -> list[tuple[Path, int]]:
-    """(image, class index) pairs of an ImageNet folder; see `ImageNetDataModule`."""
+    """(image, class index) pairs of an ImageNet folder; see `ImageNetDataModule`.
+
+    Files that are not raster images (see `image_suffixes`) are left out with a warning
+    that counts and names them; hidden files and folders (`.name`) are not looked at.
+
+    Raises:
+        FileNotFoundError: no such folder.
+        ValueError: a mixed layout, folders that are not synsets, no images, labels that
+            cannot be read, or a `labels_file`/`synsets_file` the layout does not use.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageNet folder {folder} not found")
+    if synsets_file is not None and labels_file is None:
+        raise ValueError(f"synsets_file {synsets_file} is given without labels_file (it maps the official "
+                         "ground truth's ILSVRC2012 IDs to classes); pass labels_file too, or drop synsets_file")
     classes = {s: i for i, s in enumerate(imagenet_synsets())}
     subdirs = _subdirs(folder)
-    loose = _images(folder)
+    ignored: list[Path] = []
+    loose = _images(folder, ignored)
     if subdirs and loose:
         raise ValueError(
             f"{folder} mixes two layouts: {len(subdirs)} class folder(s) ({subdirs[0].name}/"
@@ -165,9 +251,12 @@ def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | Non
         if unknown:
             raise ValueError(f"{folder} has {len(unknown)} folder(s) that are not ImageNet-1k synsets: "
                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-        samples = [(f, classes[d.name]) for d in subdirs for f in _images(d)]
+        if labels_file is not None:
+            raise ValueError(f"labels_file {labels_file} is given but {folder} holds <synset>/ class folders, "
+                             "which are the labels; drop labels_file (it applies to a flat folder of images)")
+        samples = [(f, classes[d.name]) for d in subdirs for f in _images(d, ignored)]
     else:
-        files = _images(folder)
+        files = loose
         if labels_file is not None:
             samples = list(zip(files, read_labels_file(Path(labels_file), files, classes, synsets_file)))
         elif files and all(SYNSET_PREFIX.match(f.name) for f in files):
@@ -177,8 +266,13 @@ def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | Non
                              "(or name files '<synset>_*.JPEG', or use val/<synset>/ folders)")
         else:
             samples = []
+    if ignored:
+        suffixes = sorted({p.suffix.lower() or "(none)" for p in ignored})
+        warnings.warn(f"{folder}: left out {len(ignored)} file(s) that are not raster images "
+                      f"({', '.join(p.name for p in ignored[:3])}{' ...' if len(ignored) > 3 else ''}; suffixes "
+                      f"{', '.join(suffixes)}); images are {', '.join(sorted(image_suffixes()))}", stacklevel=2)
     if not samples:
-        raise ValueError(f"no images (.JPEG, .jpg, .png, .webp, .bmp or another format PIL opens) found in {folder}")
+        raise ValueError(f"no images ({', '.join(sorted(image_suffixes()))}) found in {folder}")
     return samples
 
 
@@ -193,11 +287,9 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 img = img.convert("RGB")
         except Exception as err:
             if self.skip_corrupt:
@@ -258,16 +350,19 @@ class ImageNetDataModule(LightningDataModule):
 
     Layouts: `val/<synset>/*.JPEG`; a flat folder with `labels_file` (see
     `read_labels_file`); flat files named `<synset>_*.JPEG`. A folder that mixes class
-    folders and loose images is an error naming both. Every image format PIL opens is listed
-    (.JPEG, .png, .webp, .bmp, ...). Labels are class indices in the ImageNet-1k order, so a
+    folders and loose images is an error naming both. Raster images only (`RASTER_FORMATS`:
+    .JPEG, .png, .webp, .bmp, .tif, .gif, .ppm), opened as those formats only (never EPS/PS,
+    which PIL renders with Ghostscript); other files are left out with a warning counting
+    them. Labels are class indices in the ImageNet-1k order, so a
     folder with only some synsets still gets the right ones. Under DDP every sample is
     evaluated by exactly one rank (no padding duplicates).
 
     Preprocessing: `preprocessing` (a `Preprocessing` or its dict) if given, else the
-    model's own config when the Trainer's module has one (a vquant `create_model`
-    preprocessing, timm's `resolve_data_config` with its test size and crop mode, pytorchcv's
-    `in_size`), else 224 px, bilinear, crop 0.875, ImageNet mean/std; each of `image_size`,
-    `crop_pct`, `resize`, `interpolation`, `crop_mode`, `mean`, `std` that is set overrides it.
+    model's own config when the Trainer's module has one (the `.preprocessing` that
+    `create_model` attaches to its model, timm's `resolve_data_config` with its test size and
+    crop mode, pytorchcv's `in_size`), else 224 px, bilinear, crop 0.875, ImageNet mean/std,
+    with a warning naming the model; each of `image_size`, `crop_pct`, `resize`,
+    `interpolation`, `crop_mode`, `mean`, `std` that is set overrides it.
 
     Args:
         root: the ImageNet folder holding `val/` (or the image folder itself); None means the
@@ -331,7 +426,28 @@ class ImageNetDataModule(LightningDataModule):
             trainer = getattr(self, "trainer", None)
             module = getattr(trainer, "lightning_module", None) if trainer is not None else None
             base = preprocessing_for(module) if module is not None else None
+            if base is None and module is not None:
+                self._warn_defaults(module)
         return replace(base or Preprocessing(), **self._overrides)
+
+    #: Settings that change what the model sees (crop_mode alone keeps the default "center").
+    _DECISIVE = ("input_size", "interpolation", "mean", "std")
+
+    def _warn_defaults(self, module) -> None:
+        """Once per model: its preprocessing is unknown, so (some of) the defaults are used."""
+        defaulted = [k for k in self._DECISIVE if k not in self._overrides]
+        if not ({"crop_pct", "resize"} & set(self._overrides)):
+            defaulted.append("crop_pct")
+        model = getattr(module, "model", module)
+        if not defaulted or getattr(self, "_warned_for", None) is model:
+            return
+        self._warned_for = model
+        warnings.warn(
+            f"ImageNetDataModule: the preprocessing of {type(model).__name__} is unknown (no preprocessing=, no "
+            f".preprocessing from create_model, timm pretrained_cfg or pytorchcv in_size), so the defaults are "
+            f"used for {', '.join(defaulted)}: {describe(replace(Preprocessing(), **self._overrides))}. A model "
+            "trained with other preprocessing scores lower; pass preprocessing= (or image_size=, mean=, std=, ...), "
+            "or attach it with vquant_pl.models.attach_preprocessing(model, Preprocessing(...))", stacklevel=3)
 
     @preprocessing.setter
     def preprocessing(self, value: Preprocessing | dict | None) -> None:

@@ -98,12 +98,88 @@ def test_mixed_layout_is_an_error_naming_both(tmp_path):
         ImageNetDataModule(tmp_path).setup()
 
 
-def test_every_format_pil_opens_is_listed(tmp_path):
-    assert {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".tif", ".gif"} <= image_suffixes()
+def test_raster_formats_are_listed(tmp_path):
+    assert {".jpeg", ".jpg", ".png", ".webp", ".bmp", ".tif", ".gif", ".ppm"} <= image_suffixes()
     image = Image.fromarray((torch.rand(20, 24, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
     for i, (suffix, fmt) in enumerate([(".webp", "WEBP"), (".bmp", "BMP"), (".JPEG", "JPEG")]):
         image.save(tmp_path / f"{SYN[i]}_img{suffix}", fmt)
-    assert [label for _, label in scan(tmp_path)] == [0, 1, 2]
+    image.save(tmp_path / f"{SYN[3]}_png_named.JPEG", "PNG")  # the content decides, within raster formats
+    assert [label for _, label in scan(tmp_path)] == [0, 1, 2, 3]
+    assert ImageFiles(scan(tmp_path), lambda im: im.size)[3] == ((24, 20), 3)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+
+
+def test_postscript_is_never_opened(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    rendered = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "load", lambda self, *a, **k: rendered.append(self))
+    assert not {".eps", ".ps", ".epsf", ".epsi", ".pdf"} & image_suffixes()
+    _jpeg(tmp_path / f"{SYN[0]}_photo.JPEG")
+    (tmp_path / f"{SYN[1]}_figure.eps").write_bytes(EPS)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")  # hidden: not looked at
+    with pytest.warns(UserWarning, match=r"left out 2 file\(s\) that are not raster images \(.*figure.eps.*; "
+                                         r"suffixes .eps, .txt\)"):
+        samples = scan(tmp_path)
+    assert [p.name for p, _ in samples] == [f"{SYN[0]}_photo.JPEG"]
+    disguised = tmp_path / "disguised" / f"{SYN[2]}_x.JPEG"  # PostScript under an image name
+    disguised.parent.mkdir()
+    disguised.write_bytes(EPS)
+    with pytest.raises(RuntimeError, match="cannot decode image .*_x.JPEG: cannot identify image file"):
+        ImageFiles(scan(disguised.parent), lambda im: im)[0]
+    assert rendered == []  # PIL's EPS plugin (Ghostscript) never ran
+
+
+def _synsets(path, synsets):
+    path.write_text("".join(f"{s} a class name\n" for s in synsets))  # LOC_synset_mapping.txt style
+    return path
+
+
+def test_synsets_file_must_be_the_1000_imagenet_synsets(tmp_path):
+    for i in range(1, 4):
+        _jpeg(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", i)
+    (tmp_path / "gt.txt").write_text("1\n2\n1000\n")
+    devkit = SYN[500:] + SYN[:500]
+    ok = scan(tmp_path / "val", tmp_path / "gt.txt", _synsets(tmp_path / "ok.txt", devkit))
+    assert [label for _, label in ok] == [500, 501, 499]
+    for name, synsets, count in [("short.txt", devkit[:999], r"999 synsets \(999 distinct\)"),
+                                 ("long.txt", devkit + [devkit[0]], r"1001 synsets \(1000 distinct\); repeated: n"),
+                                 ("dup.txt", devkit[:999] + [devkit[5]], r"1000 synsets \(999 distinct\); repeated"),
+                                 ("other.txt", devkit[:999] + ["n00000001"], r"1000 synsets .*not ImageNet-1k: n00000001")]:
+        with pytest.raises(ValueError, match=rf"synsets file .*{name} must list the 1000 distinct ImageNet-1k synsets "
+                                             rf"in ILSVRC2012 ID order, but has {count}"):
+            scan(tmp_path / "val", tmp_path / "gt.txt", _synsets(tmp_path / name, synsets))
+    (tmp_path / "bad.txt").write_text("n01440764\ntench\n")
+    with pytest.raises(ValueError, match=r"synsets file .*bad.txt, line 2: 'tench' is not a synset"):
+        scan(tmp_path / "val", tmp_path / "gt.txt", tmp_path / "bad.txt")
+    with pytest.raises(FileNotFoundError, match=r"synsets file .*missing.txt not found"):
+        scan(tmp_path / "val", tmp_path / "gt.txt", tmp_path / "missing.txt")
+
+
+def test_labels_and_synsets_files_the_layout_does_not_use_are_errors(tmp_path):
+    files = [_jpeg(tmp_path / "flat" / f"ILSVRC2012_val_{i:08d}.JPEG", i) for i in range(1, 3)]
+    (tmp_path / "labels.txt").write_text("".join(f"{f.name} {SYN[i]}\n" for i, f in enumerate(files)))
+    synsets = _synsets(tmp_path / "synsets.txt", SYN)
+    with pytest.raises(ValueError, match=r"synsets_file .*synsets.txt applies only to the official ground truth"):
+        scan(tmp_path / "flat", tmp_path / "labels.txt", synsets)
+    with pytest.raises(ValueError, match=r"synsets_file .*synsets.txt is given without labels_file"):
+        scan(tmp_path / "flat", None, synsets)
+    _jpeg(tmp_path / "folders" / SYN[0] / "a.JPEG")
+    with pytest.raises(ValueError, match=r"labels_file .*labels.txt is given but .*folders holds <synset>/ class folders"):
+        scan(tmp_path / "folders", tmp_path / "labels.txt")
+
+
+def test_bundled_photographs_name_their_extra(monkeypatch):
+    import sys
+
+    from vquant_pl.datamodules.imagenet import embedded_samples
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # scikit-image not installed
+    with pytest.raises(ImportError, match=r'scikit-image, which is not installed: pip install "vquant-pl\[quickstart\]"'):
+        embedded_samples()
 
 
 def test_labels_file_errors_name_file_and_line(tmp_path):
@@ -148,3 +224,45 @@ def test_preprocessing_from_the_model_config(tmp_path):
     from pytorchcv.model_provider import get_model
 
     assert preprocessing_for(get_model("inceptionv3", pretrained=False)).input_size == (299, 299)
+
+
+def _attached(dm, module):
+    """`dm` as the Trainer's data module with `module` as its LightningModule."""
+    pl = pytest.importorskip("pytorch_lightning")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    dm.trainer = trainer
+    trainer.strategy._lightning_module = module
+    return dm
+
+
+def test_the_model_preprocessing_reaches_the_data_module(tmp_path):
+    import vquant_pl as vq
+
+    _jpeg(tmp_path / "val" / SYN[0] / "a.JPEG")
+    model, prep = vq.create_model("efficientnet_lite:lite2", pretrained=False)
+    dm = _attached(ImageNetDataModule(tmp_path, num_workers=0), vq.ImageClassifier(model))
+    assert dm.preprocessing == prep and prep.input_size == (260, 260) and prep.mean == (0.498,) * 3
+    images, _ = next(iter(dm.test_dataloader()))
+    assert images.shape == (1, 3, 260, 260)
+
+
+def test_unknown_preprocessing_warns_once_naming_the_model(tmp_path):
+    import warnings
+
+    import vquant_pl as vq
+
+    _jpeg(tmp_path / "val" / SYN[0] / "a.JPEG")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3))
+    dm = _attached(ImageNetDataModule(tmp_path, image_size=32, num_workers=0), vq.ImageClassifier(net))
+    with pytest.warns(UserWarning, match=r"the preprocessing of Sequential is unknown .* defaults are used for "
+                                         r"interpolation, mean, std, crop_pct: 32x32 px"):
+        assert dm.preprocessing == Preprocessing(input_size=(32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(dm.test_dataloader())  # once per model
+        full = _attached(ImageNetDataModule(tmp_path, image_size=32, crop_pct=1.0, interpolation="bicubic",
+                                            mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=0), vq.ImageClassifier(net))
+        assert full.preprocessing.mean == (0.5,) * 3  # every decisive setting given: nothing defaulted
+        given = _attached(ImageNetDataModule(tmp_path, preprocessing=Preprocessing(), num_workers=0),
+                          vq.ImageClassifier(net))
+        assert given.preprocessing == Preprocessing()

@@ -200,3 +200,16 @@ def test_validate_stage_and_data_driven_ranges_through_the_callback(tmp_path):
     assert seen == [True, True] and result["val/samples"] == 6
     assert callback.report.act_range == "percentile" and callback.report.layers[1].act_hi > 0
     assert not vq.is_quantized(net)
+
+
+def test_float_lite0_scores_with_its_own_preprocessing_without_being_told(lite0):
+    """Issue 18 item 9: without preprocessing= the data module reads the model's own (0.498/0.502
+    mean/std for Lite0); it used ImageNet's mean/std and scored 78 instead of 89 on the 100."""
+    model, prep = lite0
+    scores = []
+    for given in (prep, None):
+        dm = vq.ImageNetDataModule(SAMPLE, preprocessing=given, batch_size=25, num_workers=0, limit=25)
+        scores.append(_trainer().test(vq.ImageClassifier(model), datamodule=dm, verbose=False)[0])
+        assert dm.preprocessing == prep
+    assert scores[0]["test/samples"] == scores[1]["test/samples"] == 25
+    assert scores[0]["test/top1"] == scores[1]["test/top1"] and scores[0]["test/loss"] == scores[1]["test/loss"]

