@@ -52,6 +52,14 @@ def _plant(root: Path, name: str, mode: int = 0o755) -> Path:
     return folder
 
 
+def _gpus(monkeypatch, *capabilities):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_100"])
+
+
 # ------------------------------------------------------------------------------------- names
 def test_build_name_carries_version_and_source_hash(tmp_path):
     src = _copy_sources(tmp_path / "csrc")
@@ -82,15 +90,10 @@ def test_cuda_build_name_names_the_target_architectures(monkeypatch):
 def test_cuda_architectures_of_the_visible_gpus(monkeypatch):
     """Without TORCH_CUDA_ARCH_LIST, what torch.utils.cpp_extension builds for: every visible
     GPU's capability, clamped to this torch's newest, the highest also as PTX."""
-    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    capabilities = [(9, 0), (8, 0), (9, 0), (12, 0)]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
-    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_100"])
+    _gpus(monkeypatch, (9, 0), (8, 0), (9, 0), (12, 0))
     assert build.cuda_archs() == ("8.0", "9.0", "10.0+PTX")
     assert "_sm80_90_100ptx_" in build.build_name("cuda")
-    capabilities[:] = [(9, 0)]
+    _gpus(monkeypatch, (9, 0))
     assert build.cuda_archs() == ("9.0+PTX",) and "_sm90ptx_" in build.build_name("cuda")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")  # torch's word for the same
     assert build.cuda_archs() == ("9.0+PTX",)
@@ -119,6 +122,29 @@ def test_cuda_build_without_a_target_architecture_says_so(fake_build, monkeypatc
     with pytest.raises(build.BackendUnavailable, match="no GPU visible and TORCH_CUDA_ARCH_LIST not set"):
         build.build("cuda")
     assert compiled == [] and not root.exists()
+
+
+def test_a_build_is_reused_only_on_gpus_it_has_code_for(fake_build, monkeypatch):
+    """Issue 18 item 20: the 8.0 build is not loaded on 9.0 or 10.0 GPUs; a prebuilt image's
+    `8.0;9.0` build (`vquant build-kernels` without a GPU) is loaded on a 9.0 GPU and on an
+    8.6 one (cubin compatibility), each GPU generation otherwise builds its own."""
+    root, compiled, loaded = fake_build
+    for listed in ("8.0", "8.0;9.0"):  # prebuilt, as `vquant build-kernels --arch ...` does
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", listed)
+        build.build("cuda")
+    prebuilt = {n: root / n / f"{n}.so" for n in compiled}
+    assert [n.split("_sm")[1].split("_")[:-1] for n in compiled] == [["80"], ["80", "90"]]
+    assert (root / compiled[1] / "BUILD_OK").read_text().splitlines()[1] == "archs 8.0;9.0"
+    loaded.clear()
+    for capabilities in [((9, 0),), ((8, 6), (9, 0))]:
+        _gpus(monkeypatch, *capabilities)
+        assert build.build("cuda") == prebuilt[compiled[1]]  # not the 8.0 one, not a new build
+    assert len(compiled) == 2 and loaded == [str(prebuilt[compiled[1]])] * 2
+    _gpus(monkeypatch, (10, 0))
+    library = build.build("cuda")
+    assert len(compiled) == 3 and library.parent.name == compiled[2] and "_sm100ptx_" in compiled[2]
+    assert build.runs_on(("8.0",), (8, 6)) and not build.runs_on(("8.0",), (9, 0))
+    assert build.runs_on(("8.0+PTX",), (10, 0)) and not build.runs_on(("9.0a",), (9, 1))
 
 
 # ------------------------------------------------------------------------------ build, reuse
@@ -182,7 +208,7 @@ def test_refuses_code_others_can_write(fake_build, what):
 
 def test_a_sticky_shared_root_is_fine(fake_build):
     """/tmp-like roots (others may write, sticky bit set): your own private folder in it is used."""
-    root, compiled, loaded = fake_build
+    root, _, loaded = fake_build
     root.mkdir()
     root.chmod(0o1777)
     assert build.untrusted(root, sticky_ok=True) is None and build.untrusted(root) is not None
@@ -205,7 +231,7 @@ def test_refuses_a_folder_of_another_user(fake_build):
 
 def test_a_refused_folder_gives_the_pytorch_path_with_one_warning(fake_build, monkeypatch):
     """The end to end view: say why (once), then the PyTorch operators (identical results)."""
-    root, compiled, loaded = fake_build
+    root, _, loaded = fake_build
     _plant(root, build.build_name("cpu"), 0o777)
     monkeypatch.setitem(kernels._state, "cpu", None)
     monkeypatch.setitem(kernels.attempts, "cpu", 0)

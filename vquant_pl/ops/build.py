@@ -248,6 +248,44 @@ def find_cuda_home() -> str | None:
 
 
 # ------------------------------------------------------------------------------ build and load
+def runs_on(archs: tuple[str, ...], capability: tuple[int, int]) -> bool:
+    """Whether a CUDA build for `archs` has code for a GPU of `capability`: a cubin for X.y
+    runs on X.z with z >= y (an arch-specific `X.ya` one on X.y only), PTX for X.y on any
+    GPU from X.y on (compiled by the driver).
+
+    Example:
+        >>> runs_on(("8.0", "9.0"), (8, 6)), runs_on(("8.0", "9.0"), (10, 0)), runs_on(("8.0+PTX",), (10, 0))
+        (True, False, True)
+    """
+    for arch in archs:
+        m = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", arch)
+        if m is None:
+            continue
+        built = (int(m[1]), int(m[2]))
+        if (m[4] and built <= tuple(capability)) or (built[0] == capability[0] and (
+                built[1] == capability[1] if m[3] else built[1] <= capability[1])):
+            return True
+    return False
+
+
+def _covering_build(root: Path, name: str) -> str | None:
+    """A finished, trusted CUDA build of the same sources for other architectures that has code
+    for every visible GPU (its architectures are in its BUILD_OK), or None."""
+    version, digest = name.split("_sm", 1)[0], name.rsplit("_", 1)[1]
+    capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    for folder in sorted(root.glob(f"{version}_sm*_{digest}")) if capabilities else ():
+        try:
+            lines = (folder / "BUILD_OK").read_text().splitlines()
+            archs = tuple(next(line[6:] for line in lines if line.startswith("archs ")).split(";"))
+            usable = (folder / f"{folder.name}.so").is_file() and not (untrusted(root, True) or untrusted(folder)
+                                                                         or untrusted(folder / f"{folder.name}.so"))
+        except (OSError, StopIteration):
+            continue
+        if usable and all(runs_on(archs, c) for c in capabilities):
+            return folder.name
+    return None
+
+
 def build(kind: str, src: Path | str | None = None, defines: tuple[str, ...] = (),
           verbose: bool | None = None) -> Path:
     """Build (first time only) and load the library `kind` (`cpu`, `cuda`, `emulation`) from
@@ -275,6 +313,8 @@ def build(kind: str, src: Path | str | None = None, defines: tuple[str, ...] = (
     archs = cuda_archs() if kind == "cuda" else ()
     name = build_name(kind, src, defines, archs)
     root = build_root()
+    if kind == "cuda" and os.environ.get(ENV_ARCHS, "native").strip() in ("", "native"):
+        name = _covering_build(root, name) or name  # e.g. a prebuilt image's 8.0;9.0 on a 9.0 GPU
     folder = root / name
     library = folder / f"{name}.so"
     done = folder / "BUILD_OK"
@@ -292,7 +332,7 @@ def build(kind: str, src: Path | str | None = None, defines: tuple[str, ...] = (
             with _file_lock(folder / "vquant.lock"):
                 if not (done.is_file() and library.is_file()):  # another process may have built it meanwhile
                     _compile(kind, src, name, folder, defines, verbose, archs)
-                    done.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                    done.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\narchs {';'.join(archs)}\n")
         except OSError as err:  # a read-only folder or file system, a full disk
             raise BackendUnavailable(
                 f"the build folder {folder} has no finished build and cannot be written ({err}); set "
