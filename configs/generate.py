@@ -23,10 +23,19 @@ METHODS = {"sigma": "  act_range: sigma\n", "bn": "  act_range: bn\n", "aciq-lap
            "aciq-gauss": "  act_range: aciq-gauss\n", "sigma+bias-corr": "  bias_correction: true\n",
            "sigma+bit-alloc": "  bit_allocation: true\n", "bn+bias-corr": "  act_range: bn\n  bias_correction: true\n",
            "bn+act-bit-alloc": "  act_range: bn\n  act_bit_allocation: true\n",
-           # the ACIQ repository's recipe: Laplace clip, bits allocated to weights and activations, bias correction
-           "aciq-laplace-bn+bit-alloc-wa+bias-corr": "  act_range: aciq-laplace\n  aciq_stats: bn\n"
-                                                     "  bit_allocation: true\n  act_bit_allocation: true\n"
-                                                     "  bias_correction: true\n"}
+           # ACIQ as its authors' code computes it (docs/methods.md), per tensor, from BatchNorm statistics
+           "aciq-laplace-bn": "  act_range: aciq-laplace\n  aciq_stats: bn\n",
+           # ours: the ACIQ clip capped at the tensor's observed range (the original's clip2max)
+           "aciq-laplace+cap": "  act_range: aciq-laplace\n  aciq_cap: true\n",
+           # the ACIQ repository's README recipe (-pcq_w -pcq_a -c laplace -baa -baw -bcw): per-channel
+           # activation ranges, bits allocated to weights and activations (at 4 bits or fewer), mean correction
+           "aciq-recipe-laplace-bn+act-per-channel+bit-alloc-wa+bias-corr-mean":
+               "  act_range: aciq-laplace\n  aciq_stats: bn\n  act_per_channel: true\n  bit_allocation: true\n"
+               "  act_bit_allocation: true\n  bias_correction: true\n",
+           # the same with our exact-budget bit allocation (any bit width)
+           "aciq-laplace-bn+act-per-channel+bit-alloc-wa-exact+bias-corr-mean":
+               "  act_range: aciq-laplace\n  aciq_stats: bn\n  act_per_channel: true\n  bit_allocation: true\n"
+               "  act_bit_allocation: true\n  bit_allocation_rule: exact\n  bias_correction: true\n"}
 #: Rows of the method table that use the vquant recipe's BatchNorm bias correction (the others pin it off).
 RECIPE_METHODS = {"vquant": "  act_range: bn\n  bn_bias_correction: weights\n"}
 

@@ -4,7 +4,7 @@ import torch
 
 import vquant_pl as vq
 
-from vquant_pl.methods.aciq import ACIQ_ALPHA, allocate_bits
+from vquant_pl.methods.aciq import ACIQ_ALPHA, ACIQ_ALPHA_POSITIVE, aciq_allocate_bits, allocate_bits
 
 from helpers.models import BnNet, ConvBnReluConv
 
@@ -27,10 +27,11 @@ def test_channel_activation_quantizer_is_rule_3_channel_by_channel():
         ChannelActivationQuantizer(torch.tensor([1, 8]), torch.zeros(2), torch.ones(2), False)
 
 
-def test_activation_bit_allocation_from_bn_statistics():
+def test_activation_bit_allocation_from_bn_statistics_exact_budget():
     model = ConvBnReluConv()
     wrong_probe = torch.rand(2, 7, 3, 3)  # every range comes from BN: the probe is never used
-    report = vq.quantize_model(model, 8, 4, act_range="bn", bn_k=3.0, probe=wrong_probe, act_bit_allocation=True)
+    report = vq.quantize_model(model, probe=wrong_probe, config=vq.QuantConfig(
+        weight_bits=8, act_bits=4, act_range="bn", bn_k=3.0, act_bit_allocation=True, bit_allocation_rule="exact"))
     g1, b1 = model.bn1.weight.detach().abs(), model.bn1.bias.detach()
     alpha = torch.clamp(b1 + 3 * g1, min=0)  # after ReLU, per channel
     expected = allocate_bits(alpha, 4, 2, 8)
@@ -43,21 +44,18 @@ def test_activation_bit_allocation_from_bn_statistics():
 
 
 
-@pytest.mark.parametrize("act_range", ["bn", "aciq-laplace", "aciq-gauss"])
-def test_activation_bit_allocation_keeps_budget_and_travels_to_other_ranks(act_range):
+def test_bn_activation_bit_allocation_keeps_budget_and_travels_to_other_ranks():
     model = BnNet().eval()
     probe = torch.rand(4, 3, 10, 10)
-    report = vq.quantize_model(model, 8, 4, act_range=act_range, aciq_stats="bn", probe=probe,
-                               act_bit_allocation=True)
+    report = vq.quantize_model(model, probe=probe, config=vq.QuantConfig(
+        weight_bits=8, act_bits=4, act_range="bn", act_bit_allocation=True, bit_allocation_rule="exact"))
     ranges = vq.activation_ranges(model)
     bits, lo, hi, signed = ranges[1]
     assert bits.numel() == 8 and bits.sum() == 4 * 8 and bits.max() > bits.min()
     assert torch.all(bits[1:] >= bits[:-1])  # wider BN channel, no fewer bits
     from vquant_pl.methods.bn_graph import DEFAULT_BN_K
 
-    k = {"bn": DEFAULT_BN_K, "aciq-gauss": ACIQ_ALPHA["gauss"],
-         "aciq-laplace": {b: c / 2 ** 0.5 for b, c in ACIQ_ALPHA["laplace"].items()}}[act_range]
-    k_by_channel = torch.tensor([k[int(b)] for b in bits])  # each channel re-ranged at its own bits
+    k_by_channel = torch.tensor([DEFAULT_BN_K[int(b)] for b in bits])  # each channel re-ranged at its own bits
     g1, b1 = model.bn1.weight.detach().abs(), model.bn1.bias.detach()
     assert torch.equal(hi, torch.clamp(b1 + k_by_channel * g1, min=0)) and torch.equal(lo, torch.zeros(8))
     assert not signed and report.probe_time_s == 0.0
@@ -89,3 +87,38 @@ def test_activation_bit_allocation_needs_bn_statistics():
     with pytest.raises(ValueError, match=r"act_range='entropy', aciq_stats='probe'\)"):
         VQuantCallback(act_range="entropy", act_bit_allocation=True)
     assert not vq.is_quantized(model)
+
+
+@pytest.mark.parametrize("dist", ["laplace", "gauss"])
+def test_aciq_per_channel_ranges_and_bits_follow_the_original(dist):
+    """-pcq_a -baa: std prior, 0..8 bits (raised to 2 here, counted), one-sided clip of each
+    channel's normal N(beta, |gamma|): [0, max(beta, 0) + c+ sqrt(2/pi) |gamma|]."""
+    model = BnNet().eval()
+    report = vq.quantize_model(model, probe=torch.rand(4, 3, 10, 10), config=vq.QuantConfig(
+        weight_bits=8, act_bits=4, act_range=f"aciq-{dist}", aciq_stats="bn", act_bit_allocation=True))
+    g1, b1 = model.bn1.weight.detach().abs(), model.bn1.bias.detach()
+    raw = aciq_allocate_bits(g1, 4).long()  # the original's allocation on the channel stds
+    raised = int((raw < 2).sum())
+    bits, lo, hi, signed = vq.activation_ranges(model)[1]
+    assert raised > 0 and torch.equal(bits, raw.clamp(2, 8))
+    c = torch.tensor([ACIQ_ALPHA_POSITIVE[dist][int(b) if dist == "laplace" else 4] for b in bits])
+    spread = g1 * (2 / torch.pi) ** 0.5 if dist == "laplace" else g1
+    assert torch.allclose(hi, b1.clamp(min=0) + c * spread, rtol=1e-6) and torch.equal(lo, torch.zeros(8))
+    assert not signed and report.probe_time_s == 0.0
+    assert report.layers[1].note.endswith(f"{raised} channel(s) allocated 0-1 bits raised to 2")
+    assert torch.all(vq.activation_ranges(model)[2][0] == 8)  # 8 bits: the original allocates only at <= 4
+    vq.restore_model(model)
+
+
+def test_aciq_per_channel_ranges_without_allocation_are_mean_centred_when_signed():
+    model = ConvBnReluConv()  # conv3 sees bn2 + h: signed, no ReLU
+    vq.quantize_model(model, config=vq.QuantConfig(weight_bits=8, act_bits=6, act_range="aciq-laplace",
+                                                    aciq_stats="bn", act_per_channel=True, bn_bias_correction=None))
+    bits, lo, hi, signed = vq.activation_ranges(model)[2]
+    g1, b1 = model.bn1.weight.detach().abs(), model.bn1.bias.detach()
+    g2, b2 = model.bn2.weight.detach().abs(), model.bn2.bias.detach()
+    mean, std = b1 + b2, (g1 ** 2 + g2 ** 2).sqrt()  # bn_graph's residual add
+    alpha = ACIQ_ALPHA["laplace"][8] * std * (2 / torch.pi) ** 0.5  # the last layer's input: 8 bits
+    assert torch.all(bits == 8) and signed
+    assert torch.allclose(lo, mean - alpha, rtol=1e-6) and torch.allclose(hi - lo, 2 * alpha, rtol=1e-6)
+    vq.restore_model(model)
