@@ -1,4 +1,7 @@
 """Model-level quantization: which layers, the probe rule, restore, determinism, errors."""
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -213,7 +216,7 @@ def test_no_layers_and_double_quantization():
     vq.quantize_model(model, 4, 4, probe=PROBE)
     with pytest.raises(RuntimeError, match="already quantized"):
         vq.quantize_model(model, 4, 4, probe=PROBE)
-    with pytest.raises(RuntimeError, match="layer 'fc' is already quantized"):
+    with pytest.raises(RuntimeError, match=r"already quantized \(layer 'fc'\)"):
         vq.quantize_model(model.head, 4, 4)
     vq.restore_model(model)
     with pytest.raises(ValueError, match="Net is not quantized by vquant_pl"):
@@ -238,3 +241,116 @@ def test_shared_memory_weights_are_never_written():
     assert torch.equal(shared, before) and not torch.equal(model.stem.weight, before)
     vq.restore_model(model)
     assert torch.equal(model.stem.weight, before)
+
+
+# -- issue 18 items 1-4: weights recomputed on access, shared storage, a user's own originals, meta --------------
+def _distinct_per_channel(w: torch.Tensor) -> int:
+    flat = w.detach().reshape(w.shape[0], -1)
+    return max(len(torch.unique(row)) for row in flat)
+
+
+def _two_layer_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(16 * 4 * 4, 10))
+
+
+def test_a_pruned_layer_runs_quantized_keeps_its_mask_and_restores_exactly():
+    from torch.nn.utils import prune
+
+    net = _two_layer_net()
+    prune.l1_unstructured(net[2], "weight", amount=0.5)
+    orig, mask = net[2].weight_orig.detach().clone(), net[2].weight_mask.clone()
+    x = torch.rand(2, 3, 8, 8)
+    float_out = net(x)
+    report = vq.quantize_model(net, weight_bits=2, act_bits=None)
+    net(x)  # the pruning pre-hook recomputes weight = weight_orig * mask
+    w = net[2].weight
+    assert _distinct_per_channel(w) <= 2 ** 2 + 1  # four codes, and the pruned zeros
+    assert torch.equal(w == 0, (mask == 0) | (w == 0)) and bool((w[mask == 0] == 0).all())
+    assert "pruned" in report.layers[1].note
+    vq.restore_model(net)
+    assert torch.equal(net[2].weight_orig, orig) and torch.equal(net[2].weight_mask, mask)
+    assert torch.equal(net(x), float_out)
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "weight_norm"])
+def test_a_weight_recomputed_by_a_parametrization_is_refused_naming_the_layer(kind):
+    net = _two_layer_net()
+    if kind == "parametrize":
+        torch.nn.utils.parametrizations.weight_norm(net[2])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.nn.utils.weight_norm(net[2])
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=r"layer '2': its weight is recomputed"):
+        vq.quantize_model(net, weight_bits=2, act_bits=None)
+    assert not vq.is_quantized(net)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_weights_viewing_one_storage_are_quantized_once_and_restored():
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    shared = torch.randn(16, 16)
+    a.weight, b.weight = nn.Parameter(shared), nn.Parameter(shared)  # two Parameters, one storage
+    assert a.weight is not b.weight and a.weight.data_ptr() == b.weight.data_ptr()
+    net = nn.Sequential(nn.Linear(4, 16), a, nn.ReLU(), b)
+    before = shared.clone()
+    report = vq.quantize_model(net, weight_bits=4, act_bits=None)
+    assert "quantized once" in report.layers[2].note
+    assert torch.equal(a.weight, vq.quantize_weight(before, 4))  # quantized once, not twice
+    vq.restore_model(net)
+    assert torch.equal(a.weight, before) and torch.equal(b.weight, before)
+
+
+def test_weights_over_overlapping_parts_of_one_storage_are_refused():
+    big = torch.randn(32, 16)
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    a.weight, b.weight = nn.Parameter(big[:16]), nn.Parameter(big[8:24])
+    net = nn.Sequential(nn.Linear(4, 16), a, b)
+    with pytest.raises(ValueError, match=r"layers '1' and '2' are different views of one storage"):
+        vq.quantize_model(net, weight_bits=4, act_bits=None)
+    assert not vq.is_quantized(net)
+
+
+def test_save_original_before_quantize_model_is_the_documented_workflow():
+    net = _two_layer_net()
+    float_weight = net[0].weight.detach().clone()
+    vq.save_original(net[0], "weight")
+    with torch.no_grad():
+        net[0].weight.mul_(0.5)  # a transform of the user's own
+    vq.quantize_model(net, weight_bits=4, act_bits=4, probe=vq.Probe(shape=(4, 3, 8, 8)))
+    vq.restore_model(net)
+    assert torch.equal(net[0].weight, float_weight)  # the transform is undone too, as documented
+
+
+def test_a_failed_run_keeps_a_users_own_transform():
+    net = _two_layer_net()
+    vq.save_original(net[0], "weight")
+    with torch.no_grad():
+        net[0].weight.mul_(0.5)
+    halved = net[0].weight.detach().clone()
+    with pytest.raises(ValueError):
+        vq.quantize_model(net, weight_bits=4, act_bits=4, probe=torch.rand(2, 3, 3, 3))  # too small a probe
+    assert torch.equal(net[0].weight, halved)  # as it was before the call, the user's change kept
+    vq.restore_model(net)
+    assert not torch.equal(net[0].weight, halved)
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_the_tensor():
+    with torch.device("meta"):
+        net = _two_layer_net()
+    with pytest.raises(ValueError, match=r"'0.weight' is on the meta device"):
+        vq.quantize_model(net)
+    net = _two_layer_net()
+    net[3] = nn.BatchNorm2d(16, device="meta")
+    with pytest.raises(ValueError, match=r"'3.weight' is on the meta device"):
+        vq.quantize_model(net)
+
+
+def test_an_already_quantized_model_names_the_layer():
+    net = _two_layer_net()
+    vq.quantize_model(net, act_bits=None)
+    with pytest.raises(RuntimeError, match=r"already quantized \(layer '0'\)"):
+        vq.quantize_model(net, act_bits=None)

@@ -27,7 +27,7 @@ from .methods.table import METHODS, RangeMethod
 from .report import LayerReport, QuantReport
 from .layers import BATCHNORMS, QUANTIZABLE, in_channels, input_channel_dim, quantizable_layers
 from .state import (LayerState, RunInfo, attach_state, has_state, input_quantizer, iter_states, restore_all,
-                    run_scope, save_original)
+                    run_scope, save_original, storage_key, undo_run)
 from .ops.weights import check_weight, quantize_weight
 
 #: Bits of the last layer's input (docs/quantization-rules.md rule 4).
@@ -50,6 +50,8 @@ class _Plan:
     act_bits: list[Optional[int]]  # per layer; None: the input stays float
     fixed: dict[str, "Quantizer | str"] = field(default_factory=dict)  # BN ranges, or why none
     float_weights: dict[str, Tensor] = field(default_factory=dict)  # just before rounding (for bias correction)
+    written: dict[str, Tensor] = field(default_factory=dict)  # the tensor each layer's weight codes went into
+    calls: dict[str, int] = field(default_factory=dict)  # calls per forward, where more than one
     probe: Tensor | None = None
     probe_info: dict | None = None
     tap: PreActivationTap | None = None  # ACIQ on the probe: moments before each ReLU
@@ -59,16 +61,21 @@ class _Plan:
 def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if has_state(model):
-        name = next((name for name, _, _ in iter_states(model)), None)
-        raise RuntimeError(f"model is already quantized: layer {name!r} is already quantized; call "
-                           "vquant_pl.restore_model on the model that holds it first")
+    quantized = next((name for name, _, _ in iter_states(model)), None)
+    if quantized is not None:
+        raise RuntimeError(f"model is already quantized (layer {quantized!r}); call vquant_pl.restore_model on it "
+                           "first")
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Conv1d/Conv2d/Conv3d/Linear layer to quantize")
+    for what, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if t.is_meta:
+            raise ValueError(f"{what!r} is on the meta device (a model built with device='meta' holds no values): "
+                             "load its weights first, e.g. model.to_empty(device='cpu') then load_state_dict")
     for name, layer in layers:
         if isinstance(layer.weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"layer {name!r} is lazy and not initialized yet; run one forward first")
+        _weight_source(name, layer)  # refuses a weight recomputed on access that cannot be quantized
         check_weight(layer.weight, f"weight of layer {name!r}")
         bias = getattr(layer, "bias", None)
         if isinstance(bias, Tensor) and not bool(torch.isfinite(bias).all()):
@@ -80,6 +87,29 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"BatchNorm {name!r}: {what} holds NaN or infinite values")
     return layers
+
+
+def _weight_source(name: str, layer: nn.Module) -> str:
+    """The attribute the forward really reads the weight from: `weight`, or `weight_orig` for a
+    `torch.nn.utils.prune`d layer (its pre-hook recomputes `weight = weight_orig * mask`).
+    A weight recomputed by a parametrization, `weight_norm` or `spectral_norm` is refused:
+    writing codes into their factors does not give the codes back in the forward."""
+    from torch.nn.utils import parametrize, prune
+
+    if parametrize.is_parametrized(layer, "weight"):
+        kinds = ", ".join(type(m).__name__ for m in layer.parametrizations["weight"])
+        raise ValueError(f"layer {name!r}: its weight is recomputed on access by a parametrization ({kinds}), "
+                         "so quantized codes would not reach the forward; remove it first with "
+                         "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')")
+    for hook in layer._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if kind in ("WeightNorm", "SpectralNorm") and getattr(hook, "name", None) == "weight":
+            raise ValueError(f"layer {name!r}: its weight is recomputed before every forward by {kind}, so quantized "
+                             f"codes would not reach the forward; remove it first "
+                             f"(torch.nn.utils.remove_{'weight' if kind == 'WeightNorm' else 'spectral'}_norm)")
+        if isinstance(hook, prune.BasePruningMethod) and getattr(hook, "_tensor_name", None) == "weight":
+            return "weight_orig"
+    return "weight"
 
 
 def _looks_quantized(layers: list[tuple[str, nn.Module]]) -> tuple[str, int] | None:
@@ -212,40 +242,66 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
     """Quantize every layer's weight in place (a tied weight once); one report row each."""
     config = plan.config
     rows: list[LayerReport] = []
-    owner: dict[int, str] = {}  # id(weight) -> the layer that quantized it
+    owner: dict[tuple, str] = {}  # storage view of the weight -> the layer that quantized it
     start = time.perf_counter()
     for name, layer in _progress(plan.layers, "vquant: quantizing weights", progress):
         t0 = time.perf_counter()
-        weight = layer.weight
-        row = LayerReport(name, type(layer).__name__, tuple(weight.shape), config.weight_bits, None, None, None,
-                          None, 0.0, 0.0)
+        source = _weight_source(name, layer)
+        weight = getattr(layer, source)
+        row = LayerReport(name, type(layer).__name__, tuple(layer.weight.shape), config.weight_bits, None, None,
+                          None, None, 0.0, 0.0)
         rows.append(row)
-        if id(weight) in owner:
-            row.note = f"weight shared with {owner[id(weight)]!r}: quantized once"
+        key = storage_key(weight)
+        if key in owner:
+            row.note = f"weight shared with {owner[key]!r}: quantized once"
+            plan.written[name] = weight
             continue
-        owner[id(weight)] = name
-        save_original(layer, "weight")
+        _refuse_partial_overlap(name, weight, plan)
+        owner[key] = name
+        save_original(layer, source)
         if weight.is_shared():
             # shared memory (ddp_spawn on CPU, Hogwild): other processes read the same
             # storage, so quantize a private copy and never write to the shared one
             weight.data = weight.detach().clone()
-        before = weight.detach().clone()  # the float weight, after any transform of _prepare
+        before = layer.weight.detach().clone()  # what the forward uses, after any transform of _prepare
         if config.bn_bias_correction is not None:
             plan.float_weights[name] = before
         q, channel_bits = quantize_layer_weight(before, config.weight_bits, config.rounding, config.backend,
                                                 config.bias_correction, config.bit_allocation,
                                                 config.bit_allocation_rule, config.bias_correction_rule)
         weight.copy_(q)
+        plan.written[name] = weight
+        if source != "weight":  # pruned: the forward computes weight_orig * mask; keep `weight` in step now
+            save_original(layer, "weight")
+            layer.weight.copy_(q * layer.weight_mask)
+            row.note = f"pruned: {source} quantized, the mask kept"
         if weight.is_cuda:
             torch.cuda.synchronize(weight.device)
-        row.weight_mse = float((weight.float() - before.float()).pow(2).mean())
+        row.weight_mse = float((layer.weight.float() - before.float()).pow(2).mean())
         row.time_ms = (time.perf_counter() - t0) * 1e3
         if channel_bits is not None:
-            row.note = f"channel bits {int(channel_bits.min())}..{int(channel_bits.max())}"
+            row.note = _join(row.note, f"channel bits {int(channel_bits.min())}..{int(channel_bits.max())}")
         elif config.bit_allocation:
             row.note = (f"no bit allocation at {config.weight_bits} bits (ACIQ allocates at 4 bits or fewer)"
                         if weight.shape[0] > 1 else "no bit allocation: one output channel")
     return rows, time.perf_counter() - start
+
+
+def _refuse_partial_overlap(name: str, weight: Tensor, plan: _Plan) -> None:
+    """Two weights over overlapping but different parts of one storage cannot both be quantized."""
+    for other, tensor in plan.written.items():
+        if (tensor.device == weight.device and tensor.untyped_storage().data_ptr() ==
+                weight.untyped_storage().data_ptr() and storage_key(tensor) != storage_key(weight)):
+            raise ValueError(f"the weights of layers {other!r} and {name!r} are different views of one storage: "
+                             "quantizing one changes the other; give each layer its own weight (clone it)")
+
+
+def _check_written(plan: _Plan) -> None:
+    """After the probe pass: every layer's forward still reads the weight this run wrote."""
+    for name, layer in plan.layers:
+        if getattr(layer, _weight_source(name, layer)) is not plan.written.get(name):
+            raise RuntimeError(f"layer {name!r}: its weight was replaced during the forward (a hook recomputes it), "
+                               "so the layer would not run quantized; remove that hook first")
 
 
 # -- ranges -------------------------------------------------------------------------------
@@ -427,10 +483,11 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
             rows, run.weight_time_s = _quantize_weights(plan, progress)
             hooks = _attach_input_quantizers(plan, rows)
             run.probe_time_s = _fix_ranges(model, plan, hooks, calibration, progress)
+            _check_written(plan)
             _correct_bias(model, plan, hooks, rows)
             _commit(plan, rows, hooks, run)
         except BaseException:
-            restore_all(model)
+            undo_run(model)
             raise
     return quantization_report(model)
 

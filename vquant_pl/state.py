@@ -9,8 +9,9 @@ and stays restorable; `state_dict` keys do not change:
 - ``module._vquant_layer``: a `LayerState` (its report row and the run it belongs to);
 - an `InputQuantizer` among ``module._forward_pre_hooks``.
 
-A Parameter shared by several modules is saved (and restored) once: within one run,
-`save_original` remembers which tensors it already saved.
+A tensor shared by several modules -- one Parameter object, or two Parameters viewing the
+same storage (a tied checkpoint loaded with ``assign=True``) -- is saved (and restored)
+once: within one run, `save_original` remembers which storage views it already saved.
 """
 from __future__ import annotations
 
@@ -55,10 +56,23 @@ class LayerState:
     run: RunInfo
 
 
+def storage_key(tensor: Tensor) -> tuple:
+    """What identifies the memory a tensor views: equal for two Parameters over one storage."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()))
+
+
+@dataclass
+class _Run:
+    saved: dict = field(default_factory=dict)  # storage key -> the tensor saved
+    changed: list = field(default_factory=list)  # (module, name) saved by this run, in order
+
+
 @contextlib.contextmanager
 def run_scope() -> Iterator[None]:
-    """Within one quantization run, a tensor shared by several modules is saved once."""
-    token = _RUN_SAVED.set({})
+    """Within one quantization run, a tensor shared by several modules is saved once, and
+    `undo_run` can put back exactly what the run changed."""
+    token = _RUN_SAVED.set(_Run())
     try:
         yield
     finally:
@@ -80,14 +94,18 @@ def save_original(module: nn.Module, name: str) -> bool:
     tensor = getattr(module, name)
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
+    if tensor.is_meta:
+        raise ValueError(f"{type(module).__name__}.{name} is on the meta device: it holds no values to save")
     originals = module.__dict__.setdefault(ORIGINALS, {})
     if name in originals:
         return False
-    saved = _RUN_SAVED.get()
-    if saved is not None:
-        if id(tensor) in saved:
+    run = _RUN_SAVED.get()
+    if run is not None:
+        key = storage_key(tensor)
+        if key in run.saved:
             return False
-        saved[id(tensor)] = tensor
+        run.saved[key] = tensor
+        run.changed.append((module, name))
     with torch.no_grad():
         originals[name] = tensor.detach().clone()
     return True
@@ -116,6 +134,7 @@ def iter_states(model: nn.Module) -> Iterator[tuple[str, nn.Module, LayerState]]
 
 
 def has_state(model: nn.Module) -> bool:
+    """A run's layer state, or an original saved by `save_original` (a user's transform)."""
     return any(LAYER in m.__dict__ or ORIGINALS in m.__dict__ for m in model.modules())
 
 
@@ -133,6 +152,20 @@ def _remove_input_quantizers(module: nn.Module) -> None:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
             getattr(module, "_forward_pre_hooks_always_called", {}).pop(key, None)
+
+
+@torch.no_grad()
+def undo_run(model: nn.Module) -> None:
+    """After a failed run: put back what this run saved (not what a user's own transform
+    saved before it), and remove the run's input quantizers and layer states."""
+    run = _RUN_SAVED.get()
+    for module, name in reversed(run.changed if run is not None else []):
+        getattr(module, name).copy_(module.__dict__[ORIGINALS].pop(name))
+        if not module.__dict__[ORIGINALS]:
+            del module.__dict__[ORIGINALS]
+    for module in model.modules():
+        module.__dict__.pop(LAYER, None)
+        _remove_input_quantizers(module)
 
 
 @torch.no_grad()
