@@ -1,6 +1,7 @@
 """NVIDIA pytorch-quantization 2.2.1 modules: TensorQuantizer settings, quant layers,
 initialize()/deactivate(), calibrate (issue 13, items 2, 3 and 7)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -39,8 +40,32 @@ def test_settings_changed_after_construction_are_used():
         q.axis = 0  # read-only, as NVIDIA's
     with pytest.raises(ValueError, match="num_bits must be a positive integer"):
         q.num_bits = 0
-    with pytest.raises(AttributeError, match="no setting 'pre_quant_scale'"):
-        q.pre_quant_scale = torch.tensor(2.0)  # was stored and ignored
+
+
+
+def test_pre_quant_scale_as_pytorch_quantization_2_2():
+    q = TensorQuantizer(QuantDescriptor(num_bits=8, amax=4.0))
+    assert q.pre_quant_scale is None
+    x = torch.tensor([[0.5, -1.0, 1.5]])
+    q.pre_quant_scale = torch.tensor([2.0, 1.0, 0.5])
+    assert torch.equal(q(x), fake_tensor_quant(x * torch.tensor([2.0, 1.0, 0.5]), torch.tensor(4.0)))
+    assert "pre_quant_scale" in repr(q) and "_pre_quant_scale" in q.state_dict()
+    with pytest.raises(RuntimeError, match="Changing shape when setting pre_quant_scale is not allowed"):
+        q.pre_quant_scale = torch.tensor(2.0)
+    q.pre_quant_scale = None  # NVIDIA: meaningless, nothing changes
+    assert q.pre_quant_scale.tolist() == [2.0, 1.0, 0.5]
+    q.disable()
+    assert torch.equal(q(x), x * q.pre_quant_scale)  # NVIDIA scales before the disabled check
+    fresh = TensorQuantizer(QuantDescriptor(num_bits=8, amax=4.0))
+    fresh.load_state_dict(q.state_dict())  # a checkpoint's scale loads into a quantizer without one
+    assert torch.equal(fresh.pre_quant_scale, q.pre_quant_scale)
+
+
+def test_learnable_clip_bounds_must_be_scalar_in_nvidias_words():
+    from vquant_pl.nvidia.quant_modules import Clip
+
+    with pytest.raises(ValueError, match="must be scalar"):
+        Clip(np.array([-1.0, -2.0]), 1.0, learn_min=True)
 
 
 def test_zero_amax_quantizer_outputs_zero():

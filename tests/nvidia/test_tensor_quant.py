@@ -69,7 +69,7 @@ def test_amax_and_input_errors():
     # deliberate difference: NVIDIA returns NaN for a NaN / infinite amax, we refuse it
     with pytest.raises(ValueError, match="amax must be finite"):
         fake_tensor_quant(torch.ones(2), float("nan"))
-    with pytest.raises(NegativeInputError, match="unsigned quantization of a tensor holding negative values"):
+    with pytest.raises(NegativeInputError, match="Negative values encountered"):
         tensor_quant(torch.tensor([-1.0]), 1.0, unsigned=True)
     assert issubclass(NegativeInputError, TypeError) and issubclass(NegativeInputError, ValueError)
     with pytest.raises(ValueError, match="num_bits must be a positive integer, got 0"):
@@ -82,9 +82,11 @@ def test_quant_descriptor_as_nvidia():
     assert isinstance(desc.amax, np.ndarray) and desc.amax.dtype == np.float32 and desc.amax.tolist() == [1.0, 2.5]
     scalar = QuantDescriptor(amax=2.0).amax
     assert isinstance(scalar, np.ndarray) and scalar.shape == () and scalar.dtype == np.float32
-    with pytest.raises(TypeError, match="amax must be a float, a list or an ndarray of floats, got int"):
+    with pytest.raises(TypeError, match="must be float, list or ndarray, not <class 'int'>"):  # NVIDIA's words
         QuantDescriptor(amax=1)
-    with pytest.raises(TypeError, match="got Tensor"):
+    with pytest.raises(TypeError, match="amax must be float, list or ndarray, not <class 'str'>"):
+        QuantDescriptor(amax="oops", learn_amax=True)
+    with pytest.raises(TypeError, match="not <class 'torch.Tensor'>"):
         QuantDescriptor(amax=torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"amax must be finite and >= 0, got \[1.0, nan\]"):
         QuantDescriptor(amax=[1.0, float("nan")])  # deliberate: NVIDIA stores it and returns NaN
@@ -106,12 +108,12 @@ def test_quant_descriptor_as_nvidia():
                            "learn_amax": True, "narrow_range": True}
     with pytest.raises(AttributeError):
         desc.num_bits = 4
-    with pytest.raises(TypeError, match="learn_amax needs a per-tensor amax"):
-        QuantDescriptor(learn_amax=True, axis=0)
+    with pytest.raises(TypeError, match="axis is ignored and must be None"):
+        QuantDescriptor(axis=(1, 2), amax=0.7, learn_amax=True)
     with pytest.raises(TypeError, match="name must be a string"):
         QuantDescriptor(8, 3)
-    with pytest.raises(TypeError):
-        QuantDescriptor(num_bit=8)  # unknown keyword
+    with pytest.raises(TypeError, match=r"Unused keys: dict_keys\(\['num_bit'\]\)"):
+        QuantDescriptor(num_bit=8)  # unknown keyword, refused in NVIDIA's words
     assert QuantDescriptor(amax=[1.0]) == QuantDescriptor(amax=[1.0]) != QuantDescriptor(amax=[2.0])
 
 
@@ -127,3 +129,18 @@ def test_reduce_amax_reduces_the_given_axes():
     with pytest.raises(ValueError, match="Cannot reduce more axes than tensor's dim"):
         reduce_amax(x, axis=(0, 1, 2))
     assert not reduce_amax(x.requires_grad_()).requires_grad
+
+
+def test_tensor_quant_imports_as_the_module_like_nvidias():
+    """`from pytorch_quantization import tensor_quant` is the module; so is ours (the
+    package does not re-export the function over its submodule)."""
+    import types
+
+    import vquant_pl.nvidia.tensor_quant as by_path
+    from vquant_pl.nvidia import tensor_quant as module
+
+    assert isinstance(module, types.ModuleType) and module is by_path
+    assert callable(module.tensor_quant) and module.QuantDescriptor is QuantDescriptor
+    import vquant_pl
+
+    assert vquant_pl.tensor_quant is tensor_quant  # the top level keeps the function (documented API)

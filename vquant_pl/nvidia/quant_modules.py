@@ -20,12 +20,6 @@ from .tensor_quant import (HISTOGRAM_METHODS, QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_
                            QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW, QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor,
                            check_num_bits, fake_tensor_quant, tensor_quant)
 
-#: Settings of other NVIDIA tools that this quantizer does not have: setting them is refused
-#: instead of being stored and ignored.
-_NOT_SETTINGS = {"pre_quant_scale": "it belongs to TensorRT Model Optimizer's quantizer, not to pytorch-quantization"
-                                    " 2.2.1's; scale the input before the quantizer instead"}
-
-
 class _ClipFunction(torch.autograd.Function):
     """`min(max(x, lo), hi)`; PACT gradient: x's inside, lo / hi get the sum of the
     gradients of the values clipped to them."""
@@ -59,7 +53,8 @@ class Clip(nn.Module):
                                    ("clip_value_max", clip_value_max, learn_max)):
             if learn:
                 if not isinstance(value, float) and np.size(value) != 1:
-                    raise ValueError(f"{name} must be a scalar to initialize a learnable range, got {value!r}")
+                    raise ValueError(f"clip_value_min/clip_value_max must be scalar for initializing a learnable "
+                                     f"range ({name} is {value!r})")
                 value = nn.Parameter(torch.tensor(value))
             setattr(self, name, value)
 
@@ -80,13 +75,13 @@ class TensorQuantizer(nn.Module):
         if_calib: feed inputs to the calibrator (the `calib` stage).
 
     Mutable properties: `num_bits`, `unsigned`, `narrow_range` (used by the next forward),
-    `amax`. Read-only: `axis`, `fake_quant`, `scale`, `step_size`.
+    `amax`, `pre_quant_scale` (inputs are multiplied by it first, also while disabled). Read-only: `axis`, `fake_quant`, `scale`, `step_size`.
 
     Raises:
         NotImplementedError: a histogram calibrator with an axis (histograms are per tensor).
         TypeError: setting an amax of another shape.
         ValueError: `if_clip` without `learn_amax`.
-        AttributeError: setting a read-only property or `pre_quant_scale` (not a setting here).
+        AttributeError: setting a read-only property.
 
     Example:
         >>> q = TensorQuantizer(QuantDescriptor(num_bits=4, amax=1.0))
@@ -117,11 +112,6 @@ class TensorQuantizer(nn.Module):
             self._calibrator = MaxCalibrator(self._num_bits, self._axis, self._unsigned)
         else:
             self._calibrator = HistogramCalibrator(self._num_bits, self._axis, self._unsigned)
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _NOT_SETTINGS:
-            raise AttributeError(f"TensorQuantizer has no setting {name!r}: {_NOT_SETTINGS[name]}")
-        super().__setattr__(name, value)
 
     # -- properties (NVIDIA's names) --------------------------------------------------------
     @property
@@ -171,6 +161,25 @@ class TensorQuantizer(nn.Module):
     @property
     def amax(self) -> Tensor | None:
         return getattr(self, "_amax", None)
+
+    @property
+    def pre_quant_scale(self) -> Tensor | None:
+        """A factor the input is multiplied by before anything else (pytorch-quantization
+        2.2's SmoothQuant-style scaling, also while disabled); None until set."""
+        return getattr(self, "_pre_quant_scale", None)
+
+    @pre_quant_scale.setter
+    def pre_quant_scale(self, value) -> None:
+        if value is None:
+            return  # NVIDIA: "Setting pre_quant_scale no None is meaningless" (logged, nothing changes)
+        value = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(value)
+        if not hasattr(self, "_pre_quant_scale"):
+            self.register_buffer("_pre_quant_scale", value)
+            return
+        if self._pre_quant_scale.shape != value.shape:
+            raise RuntimeError(f"Changing shape when setting pre_quant_scale is not allowed: "
+                               f"{tuple(self._pre_quant_scale.shape)} -> {tuple(value.shape)}")
+        self._pre_quant_scale.data.copy_(value.to(self._pre_quant_scale.device))
 
     @amax.setter
     def amax(self, value) -> None:
@@ -279,6 +288,8 @@ class TensorQuantizer(nn.Module):
         return outputs
 
     def forward(self, inputs: Tensor) -> Tensor:
+        if self.pre_quant_scale is not None:  # before the disabled check, as NVIDIA's
+            inputs = inputs * self.pre_quant_scale
         if self._disabled:
             return inputs
         outputs = inputs
@@ -292,8 +303,9 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a calibrated checkpoint loads into a fresh (dynamic) quantizer: make the buffer first
-        if prefix + "_amax" in state_dict and "_amax" not in self._buffers:
-            self.register_buffer("_amax", state_dict[prefix + "_amax"].detach().clone())
+        for name in ("_amax", "_pre_quant_scale"):
+            if prefix + name in state_dict and name not in self._buffers:
+                self.register_buffer(name, state_dict[prefix + name].detach().clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -309,6 +321,7 @@ class TensorQuantizer(nn.Module):
         parts = [bits + (" narrow" if self._narrow_range else "") + (" fake" if self._fake_quant else ""),
                  f"axis={self._axis}" if self._axis is not None else "per-tensor", f"amax={amax}"]
         parts += [f"*{self._scale_amax}"] if self._scale_amax else []
+        parts += ["pre_quant_scale"] if self.pre_quant_scale is not None else []
         parts += ["learned"] if self._learn_amax else []
         parts += [f"calibrator={type(self._calibrator).__name__}"]
         parts += [stage for stage, on in (("quant", self._if_quant), ("clip", self._if_clip), ("calib", self._if_calib))

@@ -77,18 +77,20 @@ class QuantDescriptor:
     def __init__(self, num_bits: int = 8, name: str | None = None, *, fake_quant: bool = True,
                  axis: int | tuple[int, ...] | None = None, amax: float | list | np.ndarray | None = None,
                  learn_amax: bool = False, scale_amax: float | None = None, calib_method: str = "max",
-                 unsigned: bool = False, narrow_range: bool = False):
+                 unsigned: bool = False, narrow_range: bool = False, **unused: Any):
+        if unused:  # NVIDIA takes **kwargs and refuses the rest with this message
+            raise TypeError(f"Unused keys: {unused.keys()}")
         self._num_bits = check_num_bits(num_bits)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string or None, got {type(name).__name__}")
         if axis is not None and not isinstance(axis, (int, tuple, list)):
             raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
         if learn_amax and axis is not None:
-            raise TypeError(f"learn_amax needs a per-tensor amax: axis must be None, got {axis!r}")
+            raise TypeError(f"axis is ignored and must be None when learn_amax is true, got {type(axis)} ({axis!r})")
         if amax is not None:
             if isinstance(amax, bool) or not isinstance(amax, (float, list, np.ndarray)):
-                raise TypeError(f"amax must be a float, a list or an ndarray of floats, got {type(amax).__name__}"
-                                f" {amax!r}" + (" (write 1.0, not 1)" if isinstance(amax, int) else ""))
+                raise TypeError(f"amax must be float, list or ndarray, not {type(amax)} ({amax!r})"
+                                + (": write 1.0, not 1" if isinstance(amax, int) else ""))
             amax = np.array(amax, dtype=np.float32)
             if not np.isfinite(amax).all() or (amax < 0).any():
                 raise ValueError(f"amax must be finite and >= 0, got {amax.tolist()!r}")
@@ -145,7 +147,7 @@ QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW = QuantDescriptor(num_bits=8, axis=(0))
 def _quantize(inputs: Tensor, amax: Tensor, num_bits: int, unsigned: bool, narrow_range: bool) -> tuple[Tensor, Tensor]:
     """Codes and scale, step by step as NVIDIA's shared body (so dtypes promote the same way)."""
     if unsigned and inputs.min() < 0:
-        raise NegativeInputError("unsigned quantization of a tensor holding negative values")
+        raise NegativeInputError("Negative values encountered in unsigned quantization.")
     input_dtype = inputs.dtype
     if inputs.dtype == torch.half:  # computed in fp32 to avoid overflow
         inputs = inputs.float()
