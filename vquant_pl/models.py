@@ -124,7 +124,7 @@ def preprocessing_for(model: nn.Module) -> Preprocessing | None:
         True
     """
     for module in model.modules():
-        prep = module.__dict__.get("preprocessing")
+        prep = getattr(module, "preprocessing", None)
         if isinstance(prep, Preprocessing):
             return prep
         if isinstance(getattr(module, "pretrained_cfg", None), dict) and module.pretrained_cfg.get("input_size"):
@@ -161,8 +161,8 @@ def attach_preprocessing(model: nn.Module, preprocessing: Preprocessing) -> nn.M
     if not isinstance(preprocessing, Preprocessing):
         raise TypeError(f"preprocessing must be a vquant_pl.Preprocessing, got {type(preprocessing).__name__}")
     taken = any("preprocessing" in getattr(model, store, {}) for store in ("_parameters", "_buffers", "_modules"))
-    current = model.__dict__.get("preprocessing")
-    if taken or (hasattr(model, "preprocessing") and not isinstance(current, Preprocessing)):
+    current = getattr(model, "preprocessing", None)
+    if taken or not (current is None or isinstance(current, Preprocessing)):
         raise ValueError(f"{type(model).__name__} has its own attribute 'preprocessing'; cannot attach the "
                          "preprocessing to it: pass preprocessing= to ImageNetDataModule instead")
     model.preprocessing = preprocessing
