@@ -72,3 +72,41 @@ def test_main_writes_table_csv_json_and_figure(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["num_images"] == 8
     assert out.with_suffix(".csv").read_text().count("\n") == 4  # header + 3 layers
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+class _Payload:
+    """A crafted file: unpickling it would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_images_file_is_loaded_weights_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch.load's default would unpickle
+    marker = tmp_path / "pwned"
+    torch.save({"images": torch.randn(2, 3, 6, 6), "extra": _Payload(marker)}, tmp_path / "evil.pt")
+    torch.save(_net(), tmp_path / "net.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "net.pt"), "--allow-pickle", "--images", str(tmp_path / "evil.pt")])
+    assert exit_info.value.code == 2 and not marker.exists()
+    assert f"--images {tmp_path / 'evil.pt'} holds objects other than tensors" in capsys.readouterr().err
+
+
+def test_recipe_bit_widths_are_used_and_flags_override_them(tmp_path):
+    torch.save(_net(), tmp_path / "net.pt")
+    torch.save({"images": torch.randn(8, 3, 6, 6)}, tmp_path / "images.pt")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("quant:\n  weight_bits: 2\n  act_bits: 8\n  act_range: bn\n  verbose: false\n")
+    common = [str(tmp_path / "net.pt"), "--allow-pickle", "--images", str(tmp_path / "images.pt"), "--recipe",
+              str(recipe)]
+    assert main([*common, "--out", str(tmp_path / "r")]) == 0
+    setting = json.loads((tmp_path / "r.json").read_text())["setting"]
+    assert (setting["weight_bits"], setting["act_bits"], setting["act_range"]) == (2, 8, "bn")
+    rows = json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert [r["act_bits"] for r in rows] == [None, 8, 8]
+    assert main([*common, "--act-bits", "6", "--out", str(tmp_path / "f")]) == 0
+    setting = json.loads((tmp_path / "f.json").read_text())["setting"]
+    assert (setting["weight_bits"], setting["act_bits"]) == (2, 6)

@@ -134,7 +134,8 @@ def test_cli_help_lists_commands_and_documents_every_option():
     assert " fit " not in commands and "optimizer" not in out.stdout
     text = subprocess.run([sys.executable, "-m", "vquant_pl.cli", "test", "--help"], capture_output=True,
                           text=True, cwd=REPO).stdout
-    assert len(text.splitlines()) < 560 and "--optimizer" not in text and "--lr_scheduler" not in text
+    assert len(text.splitlines()) < 400 and "--optimizer" not in text and "--lr_scheduler" not in text
+    assert "--trainer.plugins" not in text and "--trainer.barebones" not in text  # nothing an evaluation needs
     assert "--trainer.max_epochs" not in text and "--trainer.devices" in text
     blocks = text.split("\n  --")[1:]
     for block in blocks:
@@ -308,3 +309,19 @@ def test_selftest_and_build_kernels_subcommands(monkeypatch, capsys):
     assert cli.main(["selftest"]) == 2
     assert "vquant selftest: not available in this installation (vquant_pl.no_such_module is missing)" in \
         capsys.readouterr().err
+
+
+def test_cli_console_has_no_lightning_tips_seed_lines_or_lightning_deprecations(tmp_path):
+    args = ["test", "--config", "quickstart/w8a8", "--model.model", "pytorchcv:resnet10", "--model.pretrained",
+            "false", "--data.root", str(tmp_path), "--data.num_workers", "0", "--quant.probe_shape", "[2,3,224,224]",
+            "--trainer.logger", "false"]
+    image = tmp_path / "val" / "n01440764"
+    image.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(image / "a.JPEG")
+    run = subprocess.run([sys.executable, "-W", "default", "-m", "vquant_pl.cli", *args], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    console = run.stdout + run.stderr
+    assert "test/top1" in console  # the results are printed
+    assert "Tip:" not in console and "litlogger" not in console and "Seed set to" not in console
+    assert "No seed found" not in console and "LeafSpec" not in console

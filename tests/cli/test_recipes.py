@@ -5,7 +5,7 @@ from torch import nn
 
 import vquant_pl as vq
 from helpers import REPO
-from vquant_pl.cli.recipes import RECIPES, load_recipe
+from vquant_pl.cli.recipes import load_recipe
 
 
 class Block(nn.Module):
@@ -74,9 +74,49 @@ def test_failure_leaves_the_model_as_it_was(monkeypatch):
 
 
 def test_named_and_yaml_recipes():
-    assert load_recipe("vquant") == RECIPES["vquant"] == {"act_range": "bn", "bn_bias_correction": "weights"}
+    assert load_recipe("vquant") == {"act_range": "bn", "bn_bias_correction": "weights"}
     defaults = vq.QuantConfig()  # the vquant recipe is the default
-    assert all(getattr(defaults, k) == v for k, v in RECIPES["vquant"].items())
-    assert load_recipe(str(REPO / "configs" / "recipes" / "vquant.yaml")) == RECIPES["vquant"]
+    assert all(getattr(defaults, k) == v for k, v in load_recipe("vquant").items())
+    assert load_recipe(str(REPO / "configs" / "recipes" / "vquant.yaml")) == load_recipe("vquant")
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+
+
+def test_recipes_are_the_shipped_yaml_files_written_once(tmp_path):
+    from vquant_pl.cli.recipes import recipe_names, recipes_dir
+
+    assert {"vquant", "squant", "bn"} <= set(recipe_names())
+    assert recipe_names() == sorted(p.stem for p in (REPO / "configs" / "recipes").glob("*.yaml"))
+    assert recipes_dir().resolve() == (REPO / "configs" / "recipes").resolve()
+    assert load_recipe("squant") == {"act_range": "sigma", "bn_bias_correction": None}  # the paper's rules
+    source = (REPO / "vquant_pl" / "cli" / "recipes.py").read_text()
+    assert '"act_range": "bn"' not in source and '"sigma"' not in source  # no second copy of a recipe
+    assert "sigma" not in (REPO / "vquant_pl" / "cli" / "paper.py").read_text().lower()  # sigma: vquant_pl.config
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant:\n  act_range: bn\n  stages: [test, predict]\n  verbose: false\n")
+    with pytest.raises(ValueError, match=r"recipe .*bad.yaml: stages not quantization setting"):
+        load_recipe(str(bad))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cached_sample_and_golden_file_are_loaded_weights_only(tmp_path, monkeypatch):
+    from vquant_pl.cli import selftest
+    from vquant_pl.cli.recipes import sample_tensors
+    from vquant_pl.models import UnsafeFile
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    torch.save({"images": torch.zeros(1), "labels": torch.zeros(1), "x": _Payload(marker)}, tmp_path / "lite0_sample.pt")
+    with pytest.raises(UnsafeFile, match="cached sample .*lite0_sample.pt holds objects other than tensors"):
+        sample_tensors("lite0", cache_dir=tmp_path)
+    torch.save({"weights": [], "x": _Payload(marker)}, tmp_path / "golden.pt")
+    with pytest.raises(UnsafeFile, match="golden file .*golden.pt holds objects other than tensors"):
+        selftest.check({}, str(tmp_path / "golden.pt"))
+    assert not marker.exists()

@@ -19,6 +19,7 @@ import argparse
 import copy
 import csv
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from torch.nn import functional as F
 
 from ..layers import input_channel_dim
 
-__all__ = ["LayerSensitivity", "SensitivityReport", "analyze", "layer_kind", "main"]
+__all__ = ["ErrorKind", "LayerSensitivity", "SensitivityReport", "analyze", "error_kinds", "kinds_table",
+           "layer_kind", "main"]
 
 
 @dataclass
@@ -278,6 +280,131 @@ def _clip_fractions(model, layers, quantizers, images, batch_size) -> list[float
     return [None if q is None else c[0] / max(c[1], 1) for q, c in zip(quantizers, counts)]
 
 
+# -- which kind of error: the whole model with one kind of error at a time -------------------
+@dataclass
+class ErrorKind:
+    """The model with only one kind of quantization error (`what`), scored against float."""
+
+    what: str
+    kl: float
+    agreement: float
+    top1: float | None
+
+
+def _round_only(q):
+    """The input grid of `q` without its clamp: the rounding error alone."""
+    scale, zp = float(q.scale), float(q.zero_point)
+    return lambda x: (torch.round(x * scale - zp) + zp) / scale
+
+
+def _clip_only(q):
+    """The clamp to `[lo, hi]` of `q` without rounding: the clipping error alone."""
+    return lambda x: x.clamp(q.lo, q.hi)
+
+
+@torch.no_grad()
+def error_kinds(model: nn.Module, images: Tensor, labels: Tensor | None = None, batch_size: int = 32,
+                **settings) -> list[ErrorKind]:
+    """Split the damage of a setting by kind of error, each applied to the whole model alone.
+
+    Rows: the full setting; the weights alone (the run's bias correction of the weight error
+    included, inputs float); all inputs alone; all inputs clipped only (no rounding); all
+    inputs rounded only (no clamp); then per layer kind (`layer_kind`), that kind's inputs
+    alone, per tensor as the run does and with per-channel BatchNorm ranges at the same bits
+    (where BatchNorm feeds the input): the cost of one range for channels that differ.
+
+    Args:
+        model: a float classifier (not modified: the analysis runs on a deep copy).
+        images, labels, batch_size, settings: as for `analyze`.
+
+    Returns:
+        A list of `ErrorKind` rows.
+
+    Raises:
+        ValueError: on an empty image batch or mismatched labels.
+
+    Example:
+        >>> for row in error_kinds(model, images[:32], labels[:32], weight_bits=4, act_bits=4):
+        ...     print(row.what, row.kl)
+    """
+    from .. import quantize as qz
+    from ..config import QuantConfig
+    from ..layers import QUANTIZABLE, in_channels, input_channel_dim
+    from ..methods.bn_graph import DEFAULT_BN_K, bn_stats
+    from ..methods.channels import bn_channel_quantizer
+    from ..ops.affine import ActivationQuantizer
+
+    if images.dim() < 2 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    work = copy.deepcopy(model).eval()
+    config = QuantConfig.from_kwargs(**settings)
+    qz.apply_transforms(work, config, save=lambda module, name: True)
+    config = config.replace(equalize=False, weight_clip=False)
+    layers = qz.quantizable_layers(work)
+    ref_logp = F.log_softmax(_logits(work, images, batch_size).float(), 1)
+    rows: list[ErrorKind] = []
+
+    def score(what: str) -> None:
+        rows.append(ErrorKind(what, *_scores(_logits(work, images, batch_size), ref_logp, labels)))
+
+    qz.quantize_model(work, config=config)
+    try:
+        score("full setting")
+        ranges = qz.activation_ranges(work)
+    finally:
+        qz.restore_model(work)
+    if config.weight_bits is not None:
+        qz.quantize_model(work, config=config.replace(act_bits=None))
+        try:
+            score("weights only (bias-corrected)" if config.bn_bias_correction else "weights only")
+        finally:
+            qz.restore_model(work)
+    quantizers = {i: _make_quantizer(r, layer) for i, (r, (_, layer)) in enumerate(zip(ranges, layers))
+                  if r is not None}
+    per_tensor = {i: q for i, q in quantizers.items() if isinstance(q, ActivationQuantizer)}
+    kinds = [layer_kind(name, layer, i, len(layers)) for i, (name, layer) in enumerate(layers)]
+    stats = bn_stats(work, [name for name, _ in layers], QUANTIZABLE)
+
+    def inputs(fns: dict, what: str) -> None:
+        handles = [layers[i][1].register_forward_pre_hook(lambda m, a, f=f: (f(a[0]), *a[1:]))
+                   for i, f in fns.items()]
+        try:
+            score(what)
+        finally:
+            for h in handles:
+                h.remove()
+
+    inputs(quantizers, "inputs only")
+    inputs({i: _clip_only(q) for i, q in per_tensor.items()}, "inputs only, clipping only")
+    inputs({i: _round_only(q) for i, q in per_tensor.items()}, "inputs only, rounding only")
+    for kind in dict.fromkeys(kinds):
+        chosen = {i: q for i, q in quantizers.items() if kinds[i] == kind}
+        if not chosen:
+            continue
+        inputs(chosen, f"{kind} inputs only")
+        channel = {}
+        for i in chosen:
+            name, layer = layers[i]
+            s = stats.get(name)
+            if s is None or isinstance(s, str) or s.mean.numel() != in_channels(layer):
+                continue
+            bits = chosen[i].bits
+            k = config.bn_k or DEFAULT_BN_K[bits]
+            channel[i] = bn_channel_quantizer(s, lambda b, k=k: k, bits, input_channel_dim(layer), allocate=False)
+        if channel:
+            inputs(channel, f"{kind} inputs only, per-channel BN ranges ({len(channel)} of {len(chosen)} layers)")
+    return rows
+
+
+def kinds_table(rows: list[ErrorKind], num_images: int) -> str:
+    """`error_kinds` as a Markdown table."""
+    head = f"| error kind ({num_images} images) | KL | agreement | top-1 |\n| --- | ---: | ---: | ---: |"
+    return "\n".join([head] + [f"| {r.what} | {r.kl:.4f} | {r.agreement:.3f} | {_fmt(r.top1, '.3f')} |"
+                                for r in rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     """`vquant analyze MODEL --images FILE [...]`: print the table, write CSV, JSON and a PNG.
 
@@ -289,33 +416,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", required=True, help=".pt file: a tensor, or a dict with 'images' and 'labels'")
     p.add_argument("--num", type=int, default=32, help="images used (first N; default 32)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--weight-bits", type=int, default=4)
-    p.add_argument("--act-bits", type=int, default=4)
+    p.add_argument("--weight-bits", type=int, default=None, help="default: the recipe's, else QuantConfig's (4)")
+    p.add_argument("--act-bits", type=int, default=None, help="default: the recipe's, else QuantConfig's (4)")
     p.add_argument("--act-range", default=None, help="default: the recipe's, else QuantConfig's")
     p.add_argument("--rounding", default=None, help="default: the recipe's, else QuantConfig's")
-    p.add_argument("--recipe", default=None, help="a recipe name (vquant_pl.cli.recipes.RECIPES) or a YAML file "
-                   "of configs/recipes/; --act-range etc. still apply")
+    p.add_argument("--recipe", default=None, help="a recipe name (configs/recipes/: vquant, squant, bn, ...) or a "
+                   "YAML file with quant:; the flags given (--weight-bits etc.) override it")
     p.add_argument("--top", type=int, default=20, help="rows printed (all are written to CSV)")
     p.add_argument("--out", default=None, help="output prefix for .csv, .json and .png")
     p.add_argument("--allow-pickle", action="store_true", help="MODEL is a whole pickled model you trust")
+    p.add_argument("--kinds", action="store_true", help="instead: the error split by kind (weights, input "
+                   "clipping, input rounding, per-tensor ranges per layer kind; `error_kinds`)")
     args = p.parse_args(argv)
-    path = Path(args.images)
-    if not path.is_file():
-        p.error(f"--images {path} not found")
-    data = torch.load(path, map_location="cpu")
-    images, labels = (data["images"], data.get("labels")) if isinstance(data, dict) else (data, None)
+    from .files import load_tensors
+    from .recipes import load_recipe
+
+    try:
+        data = load_tensors(args.images, "--images")
+        quant = load_recipe(args.recipe) if args.recipe else {}
+    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as err:
+        p.error(str(err))
+    images, labels = (data.get("images"), data.get("labels")) if isinstance(data, dict) else (data, None)
+    if not isinstance(images, Tensor) or not (labels is None or isinstance(labels, Tensor)):
+        p.error(f"--images {args.images} holds no image tensor (a tensor, or a dict with 'images' and 'labels')")
     images = images[:args.num]
     labels = None if labels is None else labels[:args.num]
     from ..models import create_model
 
     model, _ = create_model(args.model, allow_pickle=args.allow_pickle)
-    quant = {}
-    if args.recipe:
-        from .recipes import load_recipe
-
-        quant.update(load_recipe(args.recipe))
     quant.update({k: v for k, v in (("weight_bits", args.weight_bits), ("act_bits", args.act_bits),
                                     ("act_range", args.act_range), ("rounding", args.rounding)) if v is not None})
+    if args.kinds:
+        print(kinds_table(error_kinds(model.eval(), images, labels, args.batch_size, **quant), len(images)))
+        return 0
     report = analyze(model.eval(), images, labels, args.batch_size, **quant)
     print(report.table(args.top))
     print("\nby kind (sum of KL):")

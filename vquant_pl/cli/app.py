@@ -18,12 +18,16 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import logging
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 from .._lightning import active_namespace, variant
+from .._lightning import module as lightning_module
 from ..classifier import ImageClassifier
 
 PACKAGE_CONFIGS = Path(__file__).parents[1] / "configs"  # installed wheel
@@ -45,7 +49,11 @@ TOOLS = {"selftest": "vquant_pl.cli.selftest", "build-kernels": "vquant_pl.ops.k
 FIT_ONLY = {"max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
             "overfit_batches", "val_check_interval", "check_val_every_n_epoch", "num_sanity_val_steps",
             "log_every_n_steps", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
-            "detect_anomaly", "reload_dataloaders_every_n_epochs", "enable_autolog_hparams", "model_registry"}
+            "detect_anomaly", "reload_dataloaders_every_n_epochs", "enable_autolog_hparams", "model_registry",
+            # nor training-only or low-level ones: they keep their defaults and out of `vquant test --help`
+            "plugins", "barebones", "use_distributed_sampler", "sync_batchnorm"}
+#: Lightning's console lines that `vquant` does not repeat: its product tips and the seed line of every run.
+QUIET_MESSAGES = re.compile(r"^(\[rank: \d+\] )?(\W*Tip:|Seed set to )")
 
 
 def configs_dir() -> Path:
@@ -155,6 +163,9 @@ def _cli_classes(namespace: str):
         def add_core_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
                                        sub_configs=True, skip=FIT_ONLY)
+            for action in parser._actions:  # one sentence each; the Trainer's documentation has the rest
+                if action.dest.startswith("trainer.") and action.help:
+                    action.help = _first_sentence(action.help)
             parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
             parser.add_lightning_class_args(self._model_class, "model")
             parser.add_lightning_class_args(self._datamodule_class, "data")
@@ -168,8 +179,9 @@ def _cli_classes(namespace: str):
             self._subcommand_parsers = {}
             subcommands = parser.add_subcommands()
             for name, text in EVAL_COMMANDS.items():
+                usage = f"vquant {name} [-h] [--config CONFIG] [--print_config] [--GROUP.OPTION VALUE ...]"
                 self._subcommand_parsers[name] = self._prepare_subcommand_parser(self.trainer_class, name,
-                                                                                 description=text)
+                                                                                 description=text, usage=usage)
                 subcommands.add_subcommand(name, self._subcommand_parsers[name], help=text)
             for name, text in EXTRA_COMMANDS.items():  # run by main() before LightningCLI; listed in --help
                 subcommands.add_subcommand(name, self.init_parser(description=text), help=text)
@@ -186,10 +198,48 @@ def _cli_classes(namespace: str):
     return VQuantCLI, SafeSaveConfig
 
 
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not QUIET_MESSAGES.match(str(record.msg))
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Within: no Lightning tips (litlogger, litmodels), no `Seed set to` line per run and no
+    deprecation warnings raised by Lightning's own code (the user cannot act on them); every
+    other message and warning stays.
+
+    Example:
+        >>> with quiet_lightning():
+        ...     pass  # build and run Trainers here
+    """
+    quiet = _QuietFilter()
+    lightning_module()  # imported first: Lightning installs its console handlers at import
+    handlers = [h for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                               "lightning_fabric") for h in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            for category in (DeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category,
+                                        module=r"(lightning|pytorch_lightning|lightning_fabric)(\.|$)")
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=\.)\s", " ".join(text.split()), maxsplit=1)[0]
+
+
 @contextlib.contextmanager
 def _argv(args: list[str]):
     old = sys.argv
-    sys.argv = ["vquant", *args]  # LightningCLI reads sys.argv (passing args= beside it warns)
+    # LightningCLI reads sys.argv (passing args= beside it warns); the program stays sys.argv[0],
+    # which Lightning's DDP launcher runs again for every other rank
+    sys.argv = [old[0] if old else "vquant", *args]
     try:
         yield
     finally:
@@ -217,7 +267,7 @@ def make_cli(args: list[str] | None = None, run: bool = True, save_config: bool 
     with _argv(args):
         return cli_class(variant(SpecClassifier, namespace), variant(ImageNetDataModule, namespace), run=run,
                          subclass_mode_model=False, subclass_mode_data=False, auto_configure_optimizers=False,
-                         save_config_callback=save_class if save_config else None,
+                         save_config_callback=save_class if save_config else None, seed_everything_default=0,
                          trainer_defaults={"enable_checkpointing": False, "enable_model_summary": False})
 
 
@@ -236,6 +286,11 @@ def _tool(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vquant` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    with quiet_lightning():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "sweep":
         from .sweep import main as sweep_main
 

@@ -3,8 +3,8 @@
 `vquant` (the defaults of `QuantConfig`) is the best recipe found on the 100-image sample:
 BatchNorm-derived activation ranges with the sigma rule as per-layer fallback, and the
 analytic bias correction of the weight error from BatchNorm statistics. `squant` is the
-paper's rules exactly (the sigma rule on the probe, no correction). YAML files in
-`configs/recipes/` hold the same settings under `quant:` (CLI layout); every transform
+paper's rules exactly (the sigma rule on the probe, no correction). A recipe is a YAML file
+of `configs/recipes/` (settings under `quant:`, the CLI layout), written there once; every transform
 (`equalize`, `weight_clip`) and correction runs inside `quantize_model`, so
 `restore_model` undoes all of it.
 """
@@ -14,33 +14,62 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RECIPES", "load_recipe", "main", "sample_tensors"]
+from .files import load_tensors
 
-#: Named recipes: `quantize_model` / `QuantConfig` settings.
-RECIPES: dict[str, dict] = {
-    "squant": {"act_range": "sigma", "bn_bias_correction": None},  # the paper's rules
-    "bn": {"act_range": "bn", "bn_bias_correction": None},  # DFQ ranges alone
-    "vquant": {"act_range": "bn", "bn_bias_correction": "weights"},  # the defaults
-}
+__all__ = ["load_recipe", "main", "recipe_names", "recipes_dir", "sample_tensors"]
+
+#: `quant:` keys of a CLI config that are the callback's display settings, not quantization
+#: settings: a recipe may carry them (e.g. `verbose: false`); they change no number.
+DISPLAY_KEYS = {"verbose"}
 
 
-def load_recipe(name_or_path: str) -> dict:
-    """A named recipe (`RECIPES`), or the `quant:` mapping of a YAML file in the CLI layout.
+def recipes_dir() -> Path:
+    """The folder of the shipped recipes, `configs/recipes/` (one YAML file per recipe)."""
+    from .app import configs_dir
+
+    return configs_dir() / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes (`vquant`, `squant`, `bn`, ...): the files of `recipes_dir()`."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> dict:
+    """The `QuantConfig` settings of a recipe: a YAML file in the CLI layout (its `quant:`
+    mapping), or the name of a shipped one (`vquant` = the defaults, `squant` = the paper's
+    rules, ...). The recipes are written once, in `configs/recipes/`.
 
     Raises:
-        ValueError: neither a known name nor a file with a `quant:` mapping.
+        ValueError: neither a file nor a shipped name; no `quant:` mapping; a key that is
+            neither a `QuantConfig` field nor a display setting (named, with the file).
+
+    Example:
+        >>> load_recipe("squant")
+        {'act_range': 'sigma', 'bn_bias_correction': None}
     """
-    if name_or_path in RECIPES:
-        return dict(RECIPES[name_or_path])
+    from ..config import QuantConfig
+
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(f"unknown recipe {name_or_path!r}: not one of {', '.join(RECIPES)} nor a file")
+        shipped = recipes_dir() / f"{name_or_path}.yaml"
+        if not shipped.is_file():
+            raise ValueError(f"unknown recipe {str(name_or_path)!r}: not one of {', '.join(recipe_names())} "
+                             "nor a file")
+        path = shipped
     import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data.get("quant"), dict):
-        raise ValueError(f"{path} has no 'quant:' mapping")
-    return dict(data["quant"])
+    if not isinstance(data, dict) or not isinstance(data.get("quant"), dict):
+        raise ValueError(f"recipe {path} has no 'quant:' mapping")
+    quant = {k: v for k, v in data["quant"].items() if k not in DISPLAY_KEYS}
+    unknown = sorted(set(quant) - set(QuantConfig.field_names()))
+    if unknown:
+        raise ValueError(f"recipe {path}: {', '.join(unknown)} not quantization setting(s); a recipe holds "
+                         f"QuantConfig fields ({', '.join(QuantConfig.field_names())})")
+    if isinstance(quant.get("probe_shape"), list):
+        quant["probe_shape"] = tuple(quant["probe_shape"])
+    return quant
 
 
 # -- the recipe table on the ImageNet sample -------------------------------------------------
@@ -51,7 +80,7 @@ def sample_tensors(model_name: str, cache_dir: str | Path = "runs/recipes"):
     (default `../shared/data` beside the repository)."""
     path = Path(cache_dir) / f"{model_name}_sample.pt"
     if path.is_file():
-        data = torch.load(path)
+        data = load_tensors(path, "cached sample")
         return data["images"], data["labels"]
     from PIL import Image
 
@@ -82,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vquant_pl.cli.recipes")
     p.add_argument("--models", nargs="+", default=["lite0", "lite1", "lite2"])
     p.add_argument("--bits", nargs="+", type=int, default=[4, 6, 8])
-    p.add_argument("--recipes", nargs="+", default=["bn", "vquant"], help="names or YAML files")
+    p.add_argument("--recipes", nargs="+", default=["bn", "vquant"],
+                   help="recipe names (configs/recipes/) or YAML files; --bits sets their bit widths")
     p.add_argument("--num", type=int, default=100)
     args = p.parse_args(argv)
     print("| model | W/A | recipe | top-1 | float | seconds |\n| --- | --- | --- | ---: | ---: | ---: |", flush=True)
@@ -101,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for bits in args.bits:
             for recipe in args.recipes:
                 start = time.perf_counter()
-                quantize_model(model, bits, bits, **load_recipe(recipe))
+                quantize_model(model, **(load_recipe(recipe) | {"weight_bits": bits, "act_bits": bits}))
                 seconds = time.perf_counter() - start
                 acc = top1()
                 restore_model(model)

@@ -38,6 +38,7 @@ from torch import Tensor
 from ..ops import kernels
 from ..ops.affine import dequantize, weight_codes
 from ..ops.squant import ROUNDINGS, levels
+from .files import load_tensors
 
 # Cases of ../shared/golden/squant_golden.pt (outputs of the reference implementation):
 # (shape, rounding, bits, weight, expected dequantized weight), float32 little-endian, base64.
@@ -149,7 +150,7 @@ def check(present: dict, golden_path: str | None) -> list[str]:
             failures.append(f"torch reference differs from the SQuant reference on {shape} {rounding} {bits} bits")
     cases = generated_weights()
     expected = [_quantize(w, bits, r, kernels._squant_round_reference, torch.device("cpu")) for w, bits, r in cases]
-    golden = torch.load(golden_path) if golden_path else None
+    golden = load_tensors(golden_path, "golden file") if golden_path else None
     for name, (device, round_op, fake_op) in present.items():
         start = time.perf_counter()
         wrong = [(tuple(w.shape), bits, r) for (w, bits, r), e in zip(cases, expected)

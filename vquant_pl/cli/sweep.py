@@ -10,13 +10,17 @@ A run that fails becomes a row with its reason (`--fail-fast` stops there instea
 unlabeled image set (the data module's `root: null`) each run is scored against its
 model's float predictions on the same images: top-1/top-5 agreement, the mean KL divergence
 of the float softmax to the quantized one, and the mean cosine similarity of the logits.
+Under DDP (`--trainer.devices N`) every image is scored once and rank 0 alone prints and
+writes; the row equals the single-process one.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import glob
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -75,8 +79,64 @@ def _callback(trainer):
     return next((c for c in trainer.callbacks if isinstance(c, VQuantCallback)), None)
 
 
-def _logits(trainer, model, data) -> torch.Tensor:
-    return torch.cat([b.float().cpu() for b in trainer.predict(model, datamodule=data)])
+def _global_zero() -> bool:
+    """Whether this process is rank 0 (also before Lightning's first DDP launch, from the environment)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return all(int(os.environ.get(k) or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _gathered(trainer, logits: torch.Tensor, skipped: int) -> tuple[torch.Tensor, int]:
+    """Every rank's logits in dataset order, and the images skipped on all ranks together.
+    A rank holds the images r, r + W, r + 2W, ... (`UnrepeatedDistributedSampler`)."""
+    if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        return logits, skipped
+    parts: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(parts, (logits, skipped))
+    shards, total_skipped = [p[0] for p in parts], sum(p[1] for p in parts)
+    n, world = sum(len(p) for p in shards), len(shards)
+    if total_skipped or any(len(p) != len(range(r, n, world)) for r, p in enumerate(shards)):
+        return torch.cat(shards), total_skipped  # images skipped: rank order (the same for every pass)
+    out = shards[0].new_empty((n, *shards[0].shape[1:]))
+    for r, p in enumerate(shards):
+        out[r::world] = p
+    return out, total_skipped
+
+
+def _logits(trainer, model, data, quantized: bool) -> tuple[torch.Tensor, int]:
+    """The logits of a predict pass over `data` (all ranks, dataset order) and the images
+    skipped; quantized or float (the callback's stages switched for the pass)."""
+    cb = _callback(trainer)
+    stages = cb.stages if cb is not None else None
+    if cb is not None:
+        cb.stages = ["predict"] if quantized else [s for s in stages if s != "predict"]
+    try:
+        local = torch.cat([b.float().cpu() for b in trainer.predict(model, datamodule=data)])
+    finally:
+        if cb is not None:
+            cb.stages = stages
+    return _gathered(trainer, local, data.skipped)
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """A hash of every tensor of `module`'s state_dict (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def float_reference_key(trainer, model, data) -> tuple:
+    """What defines the float logits of a run: the model (its spec and settings, its class and
+    every weight, by hash), the images (data settings and preprocessing) and the numerics
+    (accelerator, precision). Two runs share a float reference only when all of it is equal."""
+    hparams = sorted((k, repr(v)) for k, v in dict(getattr(model, "hparams", {})).items())
+    data_hparams = sorted((k, repr(v)) for k, v in dict(data.hparams).items() if k != "preprocessing")
+    return (type(model.model).__qualname__, tuple(hparams), _fingerprint(model), str(data.root),
+            tuple(data_hparams), repr(data.preprocessing), type(trainer.accelerator).__name__,
+            str(trainer.precision))
 
 
 def run_config(config: str | Path, overrides: list[str], reference_cache: dict, run_dir: Path | None = None,
@@ -90,7 +150,8 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     if run_dir is not None:  # the user's --trainer.default_root_dir, after it, wins
         overrides = ["--trainer.default_root_dir", str(run_dir), *overrides]
     cli = make_cli(["--config", str(config), *overrides], run=False, save_config=False)
-    if run_dir is not None:
+    writes = run_dir is not None and _global_zero()
+    if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
@@ -105,23 +166,20 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
         row |= {"top1": round(100 * result["test/top1"], 2), "top5": round(100 * result["test/top5"], 2),
                 "samples": int(result["test/samples"]), "skipped": int(result["test/skipped"]), "scored_by": "labels"}
     else:  # agreement with (and distance to) the float model's logits on the same images
-        key = (spec, str(data.root), data.hparams.limit, repr(data.preprocessing))
+        key = float_reference_key(trainer, model, data)
         if key not in reference_cache:
-            reference_cache[key] = _logits(trainer, model, data)
-        reference = reference_cache[key]
-        if wb is None:
-            logits = reference
+            reference_cache[key] = _logits(trainer, model, data, quantized=False)
+        reference, skipped = reference_cache[key]
+        if wb is not None:
+            logits, skipped = _logits(trainer, model, data, quantized=True)
+            if logits.shape != reference.shape:
+                raise RuntimeError(f"the quantized pass scored {len(logits)} images, the float pass {len(reference)}")
         else:
-            stages = cb.stages
-            cb.stages = ["predict"]
-            try:
-                logits = _logits(trainer, model, data)
-            finally:
-                cb.stages = stages
-        row |= fidelity(reference, logits) | {"samples": len(logits), "skipped": data.skipped,
+            logits = reference
+        row |= fidelity(reference, logits) | {"samples": len(logits), "skipped": skipped,
                                               "scored_by": "float agreement"}
     report = cb.report if cb is not None and wb is not None else None
-    if report is not None and run_dir is not None:
+    if report is not None and writes:
         (run_dir / "vquant_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         save(layer_figure(report), run_dir / "layers.png")
     paper = paper_top1(spec, wb, settings["act_bits"] if settings else None, settings["rounding"] if wb else "-")
@@ -129,17 +187,29 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     return row | {
         "bits": "FP32" if wb is None else f"W{wb}A{ab if ab is not None else 'fp'}",
         "method": "float" if wb is None else _method(settings),
-        "paper_top1": paper, "diff": None if paper is None else round(row["top1"] - paper, 2),
+        # the paper's top-1 is against labels: a difference only for a row scored by them
+        "paper_top1": paper,
+        "diff": None if paper is None or row["scored_by"] != "labels" else round(row["top1"] - paper, 2),
         "quant_ms": round(report.weight_time_s * 1e3, 1) if report else None,
         "status": "ok", "_weight_bits": wb, "_seconds": time.perf_counter() - start,
     }
 
 
+def _cell(row: dict, column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return "-"
+    if column in ("top1", "top5") and row.get("scored_by") == "float agreement":
+        return f"{value} agreement"  # not a top-1 against labels
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
 def markdown(rows: list[dict]) -> str:
-    """The results table in Markdown (missing values as `-`)."""
+    """The results table in Markdown (missing values as `-`; a row scored against the float
+    model shows its top-1/top-5 as `... agreement`)."""
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
     for r in rows:
-        cells = ["-" if r.get(c) is None else str(r[c]).replace("|", "/").replace("\n", " ") for c in COLUMNS]
+        cells = [_cell(r, c) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,6 +248,32 @@ def _configs(names: list[str], parser: argparse.ArgumentParser) -> list[Path]:
     return found
 
 
+def run_names(configs: list[Path], out: Path | None = None) -> list[str]:
+    """One unique name per config, also its run folder under `out`: the file's stem, then with
+    its folder's name (`b_x`), then numbered (`x_2`); a name whose folder already
+    exists in `out` (an earlier sweep) is numbered too, so no run folder is overwritten.
+
+    Example:
+        >>> run_names([Path("c/b_x.yaml"), Path("a/x.yaml"), Path("b/x.yaml")])
+        ['b_x', 'x', 'x_2']
+    """
+    names: list[str] = []
+
+    def free(name: str) -> bool:
+        return name not in names and (out is None or not (out / name).exists())
+
+    for config in configs:
+        parts = [p for p in (config.parent.name, config.stem) if p not in ("", ".", "..")]
+        candidates = ["_".join(parts[-n:]) for n in (1, 2)]
+        name = next((c for c in candidates if free(c)), None)
+        i = 2
+        while name is None:
+            name = f"{config.stem}_{i}" if free(f"{config.stem}_{i}") else None
+            i += 1
+        names.append(name)
+    return names
+
+
 def _failed_row(config: Path, err: BaseException) -> dict:
     reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     return {"config": config.stem, "status": f"failed: {reason[:300]}", "_weight_bits": None}
@@ -195,38 +291,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "also on labeled data")
     args, overrides = parser.parse_known_args(argv)
     configs = _configs(args.configs, parser)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .app import quiet_lightning
+
+    with quiet_lightning():
+        return _sweep(configs, overrides, Path(args.out), args.fail_fast, args.against_float)
+
+
+def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool, against_float: bool) -> list[dict]:
+    zero = _global_zero()  # under DDP the other ranks run every config too, and neither print nor write
+
+    def say(text: str) -> None:
+        if zero:
+            print(text, flush=True)
+
+    def write(rows: list[dict]) -> list[Path]:
+        return write_results(rows, out) if zero else []
+
+    if zero:
+        out.mkdir(parents=True, exist_ok=True)
+    names = run_names(configs, out)  # only rank 0's names are used (it alone writes)
     rows: list[dict] = []
-    write_results(rows, out)  # an older table never stands as the current one
+    write(rows)  # an older table never stands as the current one
     cache: dict = {}
-    names: set[str] = set()
-    for i, config in enumerate(configs, 1):
-        name = config.stem if config.stem not in names else f"{config.parent.name}_{config.stem}"
-        names.add(name)
-        print(f"[{i}/{len(configs)}] {name}: running ...", flush=True)
+    for i, (config, name) in enumerate(zip(configs, names), 1):
+        say(f"[{i}/{len(configs)}] {name}: running ...")
         start = time.perf_counter()
         try:
-            row = run_config(config, overrides, cache, out / name, args.against_float)
+            row = run_config(config, overrides, cache, out / name, against_float)
         except KeyboardInterrupt:
-            write_results(rows, out)
-            print(f"interrupted; {len(rows)} finished run(s) are in {out / 'results.md'}", flush=True)
+            write(rows)
+            say(f"interrupted; {len(rows)} finished run(s) are in {out / 'results.md'}")
             raise
         except Exception as err:  # a failed run is a row with its reason
             row = _failed_row(config, err)
-            print(f"[{i}/{len(configs)}] {name}: {row['status']} ({time.perf_counter() - start:.0f} s)", flush=True)
+            say(f"[{i}/{len(configs)}] {name}: {row['status']} ({time.perf_counter() - start:.0f} s)")
             rows.append(row | {"config": name})
-            write_results(rows, out)
-            if args.fail_fast:
-                print("stopping (--fail-fast)", flush=True)
+            write(rows)
+            if fail_fast:
+                say("stopping (--fail-fast)")
                 break
             continue
         rows.append(row | {"config": name})
-        write_results(rows, out)
-        extra = f"  KL {row['kl']}  cosine {row['cosine']}" if row.get("kl") is not None else ""
-        print(f"[{i}/{len(configs)}] {name}: top-1 {row['top1']}  top-5 {row['top5']}{extra}  "
-              f"({row['samples']} images, {row['skipped']} skipped, {time.perf_counter() - start:.0f} s)", flush=True)
-    written = write_results(rows, out)
-    print(markdown(rows))
-    print("wrote " + ", ".join(str(p) for p in written))
+        write(rows)
+        if row["scored_by"] == "labels":
+            score = f"top-1 {row['top1']}  top-5 {row['top5']}"
+        else:
+            score = f"agreement {row['top1']}  top-5 agreement {row['top5']}  KL {row['kl']}  cosine {row['cosine']}"
+        say(f"[{i}/{len(configs)}] {name}: {score}  "
+            f"({row['samples']} images, {row['skipped']} skipped, {time.perf_counter() - start:.0f} s)")
+    written = write(rows)
+    say(markdown(rows))
+    if written:
+        say("wrote " + ", ".join(str(p) for p in written))
     return rows

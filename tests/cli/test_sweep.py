@@ -1,0 +1,125 @@
+"""The sweep's rows: float references keyed on the whole float model, the float pass float,
+one row under DDP, unique run folders, `diff` only against labels, a quiet console."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vquant_pl as vq
+from vquant_pl.cli.sweep import main as sweep, markdown, run_names
+
+from helpers import REPO, SAMPLE
+
+SCORES = ("top1", "top5", "kl", "cosine", "samples", "skipped", "scored_by")
+
+
+def _config(path: Path, checkpoint: Path, limit: int = 4, extra: str = "") -> Path:
+    path.write_text(f"""model:
+  model: pytorchcv:resnet10
+  pretrained: false
+  checkpoint: {checkpoint}
+data:
+  root: {SAMPLE}
+  limit: {limit}
+  batch_size: 4
+  num_workers: 0
+quant:
+  weight_bits: 8
+  act_bits: 8
+  probe_shape: [2, 3, 224, 224]
+  verbose: false
+{extra}trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    if not SAMPLE.is_dir():
+        pytest.skip(f"ImageNet sample not found at {SAMPLE}")
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for seed in (1, 2):  # two different float models of one architecture
+        torch.manual_seed(seed)
+        model, _ = vq.create_model("pytorchcv:resnet10", pretrained=False)
+        torch.save(model.state_dict(), folder / f"seed{seed}.pth")
+        paths.append(folder / f"seed{seed}.pth")
+    return paths
+
+
+def test_float_reference_is_the_run_own_float_model_and_runs_float(tmp_path, checkpoints):
+    a, b = checkpoints
+    # first: quant.stages with predict (the float pass must still run float); then another
+    # checkpoint of the same model (its own float reference, not the first one's)
+    configs = [_config(tmp_path / "a_predict.yaml", a, extra="  stages: [test, predict]\n"),
+               _config(tmp_path / "b.yaml", b), _config(tmp_path / "a.yaml", a)]
+    rows = sweep([*map(str, configs), "--out", str(tmp_path / "out"), "--against-float"])
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    predict, other, plain = rows
+    assert predict["kl"] > 0 and predict["cosine"] < 1  # not quantized against itself
+    assert {k: predict[k] for k in SCORES} == {k: plain[k] for k in SCORES}
+    assert other["cosine"] > 0.9 and other["kl"] < 1  # against its own float logits, not a's
+
+
+def test_ddp_scores_every_image_once_in_one_row_written_by_rank_zero(tmp_path, checkpoints):
+    config = _config(tmp_path / "c.yaml", checkpoints[0], limit=5)  # 5 images: shards of 3 and 2
+    single = sweep([str(config), "--out", str(tmp_path / "single"), "--against-float"])[0]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "vquant_pl.cli", "sweep", str(config), "--out", str(tmp_path / "ddp"),
+                          "--against-float", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("[1/1] c: agreement") == 1, run.stdout  # rank 0 alone prints
+    with open(tmp_path / "ddp" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 1 and table[0]["samples"] == "5"
+    assert {k: table[0][k] for k in SCORES} == {k: str(single[k]) for k in SCORES}
+    assert "Seed set to" not in run.stdout + run.stderr and "Tip:" not in run.stdout + run.stderr
+
+
+def test_run_names_are_unique_and_never_reuse_a_folder(tmp_path):
+    assert run_names([Path("c/b_x.yaml"), Path("a/x.yaml"), Path("b/x.yaml")]) == ["b_x", "x", "x_2"]
+    assert run_names([Path("a/x.yaml"), Path("b/x.yaml")]) == ["x", "b_x"]
+    (tmp_path / "x").mkdir()  # an earlier sweep's run
+    assert run_names([Path("a/x.yaml"), Path("x.yaml")], tmp_path) == ["a_x", "x_2"]
+
+
+def test_sweep_run_folders_do_not_overwrite_each_other(tmp_path):
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+    configs = [tmp_path / "c" / "b_x.yaml", tmp_path / "a" / "x.yaml", tmp_path / "b" / "x.yaml"]
+    for i, path in enumerate(configs):  # broken on purpose: each fails fast, after its folder is named
+        path.write_text(f"model:\n  model: timm:nope{i}\n")
+    rows = sweep([*map(str, configs), "--out", str(tmp_path / "out")])
+    assert [r["config"] for r in rows] == ["b_x", "x", "x_2"]
+    assert [r["status"].split("'")[1] for r in rows] == ["nope0", "nope1", "nope2"]
+
+
+def test_diff_only_for_rows_scored_by_labels(tmp_path, checkpoints, monkeypatch):
+    import vquant_pl.cli.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "paper_top1", lambda *args: 50.0)  # as if the paper had this model
+    config = _config(tmp_path / "d.yaml", checkpoints[0])
+    agreement = sweep([str(config), "--out", str(tmp_path / "o1"), "--against-float"])[0]
+    labels = sweep([str(config), "--out", str(tmp_path / "o2")])[0]
+    assert agreement["paper_top1"] == 50.0 and agreement["diff"] is None
+    assert labels["scored_by"] == "labels" and labels["diff"] == round(labels["top1"] - 50.0, 2)
+
+
+def test_agreement_rows_say_agreement_not_top1(tmp_path, capsys, checkpoints):
+    config = _config(tmp_path / "e.yaml", checkpoints[0])
+    row = sweep([str(config), "--out", str(tmp_path / "o"), "--against-float"])[0]
+    printed = capsys.readouterr()
+    line = next(ln for ln in printed.out.splitlines() if ln.startswith("[1/1] e: ") and "running" not in ln)
+    assert line.startswith(f"[1/1] e: agreement {row['top1']}  top-5 agreement {row['top5']}") and "top-1" not in line
+    assert f"| {row['top1']} agreement | {row['top5']} agreement |" in markdown([row])
+    console = printed.out + printed.err
+    assert "Tip:" not in console and "Seed set to" not in console and "deprecated" not in console
