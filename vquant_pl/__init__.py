@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {  # the Lightning-dependent names load on first use: `import vquant_pl` stays fast
     "ImageClassifier": "vquant_pl.classifier", "VQuantCallback": "vquant_pl.callbacks",
     "ImageNetDataModule": "vquant_pl.datamodules",
+    "export_onnx": "vquant_pl.export",  # ONNX QDQ export (the `export` extra)
 }
 
 
@@ -42,7 +43,7 @@ __all__ = [
     "QUANTIZABLE", "QuantConfig", "save_original", "ImageClassifier", "ImageNetDataModule", "LayerReport", "Preprocessing", "Probe",
     "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantDescriptor", "QuantLinear", "QuantReport",
     "TensorQuantizer", "VQuantCallback", "aciq_range", "activation_ranges", "allocate_bits", "bias_correct",
-    "calibrate", "create_model", "default_sigma", "fake_quant_activation", "fake_tensor_quant",
+    "calibrate", "create_model", "default_sigma", "export_onnx", "fake_quant_activation", "fake_tensor_quant",
     "is_quantized", "quantizable_layers", "quantization_report", "quantize_model", "quantize_weight",
     "quantized_layers", "restore_model", "set_activation_ranges", "sigma_range", "tensor_quant",
 ]

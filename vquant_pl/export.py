@@ -1,0 +1,634 @@
+"""ONNX (QDQ) export of a quantized model: the model you evaluated is the model you ship.
+
+`export_onnx` writes a model quantized by `quantize_model` (or the callback with
+`keep_quantized=True`) or built from the NVIDIA-style `QuantConv*`/`QuantLinear` layers
+through PyTorch's own exporter (`torch.onnx.export(..., dynamo=True)`), with a translation
+of the quantization operators into ONNX `QuantizeLinear`/`DequantizeLinear` (opset 21):
+
+- vquant layers: the weight as integer codes (uint8, or uint4 with `four_bit=True` where
+  every channel has at most 4 bits) with its per-channel scale and zero point and one
+  `DequantizeLinear`; the layer input as `QuantizeLinear` -> (integer `Clip` when the bit
+  width is narrower than the type) -> `DequantizeLinear` with the layer's fixed range
+  (`vquant::fake_quant` translated; per-channel ranges of `act_bit_allocation` with
+  per-axis scales and per-channel integer clamps). The first layer's input stays float,
+  the last layer's is 8-bit, as evaluated. A layer with a channel whose zero point cannot be held in
+  8 bits (all weights of one sign: its codes span values on one side of zero) is stored as
+  uint16 codes, an input range too far from zero in 16-bit QDQ; both are reported.
+- NVIDIA-style layers: scale-only symmetric QDQ (`scale = amax / (2^(b-1) - 1)`, zero
+  point 0, int8 -- uint8 when unsigned), on the input and on the float weight (axis 0),
+  as pytorch-quantization's export writes it, so TensorRT accepts it.
+
+ONNX dequantizes as `(y - zero_point) * scale` and quantizes as `round(x / scale)`; vquant
+(rules 2 and 3) divides by and multiplies with `(2^b - 1) / width`. The ONNX scale is the
+float32 nearest to the reciprocal, so the two agree to the last bit of a weight and, for
+an activation, except where a value lies within rounding error of a code boundary;
+`ExportReport.max_abs_diff` says how far the logits moved on the example input.
+
+Example:
+    >>> import torch, vquant_pl as vq
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    >>> _ = vq.quantize_model(net, 8, 8, probe=vq.Probe(shape=(4, 3, 16, 16)))
+    >>> report = vq.export_onnx(net, "net.onnx", torch.rand(2, 3, 16, 16))  # doctest: +SKIP
+    >>> report.max_abs_diff < 1e-3  # doctest: +SKIP
+    True
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import itertools
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .input_quantizer import InputQuantizer
+from .methods.aciq import weight_channel_bits
+from .nvidia.quant_modules import TensorQuantizer
+from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer, affine_scale, dequantize
+from .quantize import apply_transforms
+from .state import ORIGINALS, input_quantizer, iter_states, restore_all
+
+OPSET = 21
+EXTRA = "pip install 'vquant-pl[export]'"
+#: onnxruntime operators that compute with integers.
+INTEGER_OPS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm", "MatMulIntegerToFloat",
+               "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+               "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu")
+_RANGES = {"uint4": (0, 15), "int4": (-8, 7), "uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535),
+           "int16": (-32768, 32767), "int32": (-2 ** 31, 2 ** 31 - 1)}
+
+
+def require_onnx() -> None:
+    """Raise ImportError naming the `export` extra when onnx, onnxruntime or onnxscript is missing."""
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {', '.join(missing)}, which are not installed: {EXTRA}")
+
+
+@dataclass
+class ExportLayer:
+    """How one quantized layer was written."""
+
+    name: str
+    style: str  # "vquant" or "nvidia"
+    weight: str  # e.g. "uint8 codes, per channel" or "int8 QDQ, symmetric"
+    input: str  # "float" or e.g. "uint8 QDQ, 4 bits (Clip)"
+    ort_op: str = ""  # the onnxruntime operator it ran as (after graph optimization)
+    note: str = ""
+
+
+@dataclass
+class ExportReport:
+    """What `export_onnx` wrote, and how the file compares with PyTorch on the example input."""
+
+    path: str
+    opset: int
+    layers: list[ExportLayer] = field(default_factory=list)
+    max_abs_diff: float | None = None  # largest |ONNX - PyTorch| output on the example input
+    same_argmax: float | None = None  # fraction of example rows whose top-1 class agrees
+
+    @property
+    def integer_layers(self) -> list[str]:
+        """Layers onnxruntime ran as integer kernels."""
+        return [layer.name for layer in self.layers if layer.ort_op in INTEGER_OPS]
+
+    def table(self) -> str:
+        """One line per layer: name, weight, input, onnxruntime operator, note."""
+        rows = [f"{'layer':32} {'weight':28} {'input':30} {'onnxruntime':14} note"]
+        rows += [f"{r.name[:32]:32} {r.weight:28} {r.input:30} {r.ort_op:14} {r.note}" for r in self.layers]
+        return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------- parameters
+@dataclass
+class _QDQ:
+    """ONNX parameters of one QuantizeLinear/DequantizeLinear (or weight DequantizeLinear)."""
+
+    dtype: str
+    scale: np.ndarray  # float32, [] or [C]
+    zero_point: np.ndarray  # int64, like scale
+    clip: tuple[np.ndarray, np.ndarray] | None = None  # integer bounds, when narrower than the type
+    axis: int = 1
+    codes: np.ndarray | None = None  # weights only: the stored integers
+    torch_fn: object = None  # what the PyTorch model does here (used while tracing)
+
+
+def _reciprocal(scale: Tensor) -> np.ndarray:
+    """The float32 nearest to `1 / scale` (ONNX multiplies where vquant divides)."""
+    return (1.0 / scale.detach().double().cpu().numpy()).astype(np.float32)
+
+
+def _fit_zero_point(v_min: np.ndarray, v_max: np.ndarray, prefer: np.ndarray, dtypes) -> tuple[str, np.ndarray] | None:
+    """The first type of `dtypes` holding `y = v + zp` for every `v` in `[v_min, v_max]` with
+    a zero point `zp` of the same type (per channel, nearest to `prefer`), or None."""
+    for dtype in dtypes:
+        t_min, t_max = _RANGES[dtype]
+        lo, hi = np.maximum(t_min, t_min - v_min), np.minimum(t_max, t_max - v_max)
+        if np.all(lo <= hi):
+            return dtype, np.clip(prefer, lo, hi).astype(np.int64)
+    return None
+
+
+def _activation_qdq(scale: Tensor, zero_point: Tensor, q_min: Tensor, q_max: Tensor, signed: bool,
+                    four_bit: bool, axis: int) -> _QDQ:
+    """Rule 3 as ONNX QDQ: vquant's value `(q + zp) / s` with `q` in `[q_min, q_max]` is
+    `(y - zp') * (1/s)` with `y = q + zp + zp'`."""
+    zp = zero_point.detach().double().cpu().numpy().astype(np.int64).reshape(-1)
+    q_lo = q_min.detach().double().cpu().numpy().astype(np.int64).reshape(-1)
+    q_hi = q_max.detach().double().cpu().numpy().astype(np.int64).reshape(-1)
+    bits = int(np.ceil(np.log2((q_hi - q_lo + 1).max())))
+    small = ["int4" if signed else "uint4"] if four_bit and bits <= 4 else []
+    wide = ["int8", "int16"] if signed else ["uint8", "uint16"]
+    dtype, zpo = _fit_zero_point(q_lo + zp, q_hi + zp, -zp, small + wide)  # int16 always fits rule 3's codes
+    y_lo, y_hi = q_lo + zp + zpo, q_hi + zp + zpo
+    t_min, t_max = _RANGES[dtype]
+    clip = None if np.all(y_lo == t_min) and np.all(y_hi == t_max) else (y_lo, y_hi)
+    ys = _reciprocal(scale).reshape(-1)
+    if ys.size == 1:
+        ys, zpo = ys.reshape(()), zpo.reshape(())
+        clip = None if clip is None else (clip[0].reshape(()), clip[1].reshape(()))
+    return _QDQ(dtype, ys, zpo, clip, axis)
+
+
+def _quantizer_qdq(quantizer, four_bit: bool) -> _QDQ:
+    if isinstance(quantizer, ActivationQuantizer):
+        t = lambda v: torch.tensor([float(v)])  # noqa: E731
+        return _activation_qdq(quantizer.scale, quantizer.zero_point, t(quantizer.q_min), t(quantizer.q_max),
+                               quantizer.signed, four_bit, 1)
+    return _activation_qdq(quantizer.scale, quantizer.zero_point, quantizer.q_min, quantizer.q_max,
+                           quantizer.signed, four_bit, quantizer.dim)
+
+
+def _describe(qdq: _QDQ, bits: int | str) -> str:
+    per = ", per channel" if qdq.scale.ndim else ""
+    return f"{qdq.dtype} QDQ, {bits} bits{per}" + (" (Clip)" if qdq.clip is not None else "")
+
+
+def _weight_qdq(name: str, quantized: Tensor, before: Tensor, channel_bits: Tensor, four_bit: bool) -> tuple[_QDQ, str]:
+    """Integer codes of a vquant weight: recomputes rule 2's scale and zero point from the
+    weight before rounding and checks that the codes give back the evaluated weight exactly."""
+    oc = quantized.shape[0]
+    w = before.detach().float().reshape(oc, -1)
+    bits = channel_bits.to(w.device).reshape(oc, 1)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    n = 2.0 ** (bits.float() - 1)
+    levels = (2.0 ** bits.float() - 1)
+    scale = levels / torch.clamp(hi - lo, min=1e-8) if channel_bits.unique().numel() > 1 else \
+        affine_scale(lo, hi, int(channel_bits[0]))
+    zp = torch.round(scale * lo) + n
+    wq = quantized.detach().float().reshape(oc, -1)
+    q = torch.round(wq * scale - zp)
+    exact = (dequantize(q, scale, zp) == wq).all(1) & (q >= -n).all(1) & (q <= n - 1).all(1)
+    if not bool(exact.all()):
+        c = int((~exact).nonzero()[0])
+        raise ValueError(f"layer {name!r}: output channel {c} of the quantized weight is not on its integer grid "
+                         "(a correction after rounding moved it, e.g. bias_correction=True): it has no integer "
+                         "codes to export")
+    v = (q + zp).cpu().numpy().astype(np.int64)  # the integer value of each weight, `(q + zp)`
+    v_min, v_max = (-n + zp).cpu().numpy().astype(np.int64)[:, 0], (n - 1 + zp).cpu().numpy().astype(np.int64)[:, 0]
+    small = ["uint4"] if four_bit and int(channel_bits.max()) <= 4 else []
+    fit = _fit_zero_point(v_min, v_max, -v_min, small + ["uint8", "uint16"])
+    if fit is None:
+        raise ValueError(f"layer {name!r}: a channel's weights lie so far from zero for their spread that their "
+                         "integer values exceed 16 bits")
+    dtype, zpo = fit
+    note = ""
+    if dtype == "uint16":
+        far = int(sum(_fit_zero_point(v_min[i:i + 1], v_max[i:i + 1], -v_min[i:i + 1], small + ["uint8"]) is None
+                      for i in range(oc)))
+        note = (f"uint16 codes: {far} of {oc} channels have all weights of one sign, their zero point lies "
+                "outside 8 bits")
+    codes = (v + zpo[:, None]).reshape(quantized.shape)
+    return _QDQ(dtype, _reciprocal(scale).reshape(-1), zpo, None, 0, codes), note
+
+
+def _weight_bits(layer_name: str, before: Tensor, config) -> Tensor:
+    bits = weight_channel_bits(before, config.weight_bits, config.bit_allocation_rule) if config.bit_allocation else None
+    if bits is None:
+        return torch.full((before.shape[0],), config.weight_bits, dtype=torch.long)
+    if bool((bits == 0).any()):
+        raise ValueError(f"layer {layer_name!r}: ACIQ bit allocation gave {int((bits == 0).sum())} output channel(s) "
+                         "0 bits (a constant channel), which has no integer codes to export")
+    return bits
+
+
+def _weights_before_rounding(model: nn.Module, states: list) -> dict[str, Tensor]:
+    """Each quantized layer's weight as it was just before rounding: the saved original, or,
+    when a transform (equalization, weight clipping) ran, that transform applied again to
+    a restored copy."""
+    config = states[0][2].run.config
+    if config.equalize or config.weight_clip:
+        twin = copy.deepcopy(model)
+        restore_all(twin)
+        layers = [(name, twin.get_submodule(name)) for name, _, _ in states]
+        apply_transforms(twin, config, save=lambda module, name: True, layers=layers)
+        return {name: twin.get_submodule(name).weight.detach().clone() for name, _, _ in states}
+    saved: dict[int, Tensor] = {}
+    for module in model.modules():
+        for key, value in module.__dict__.get(ORIGINALS, {}).items():
+            saved[id(getattr(module, key))] = value
+    out = {}
+    for name, layer, _ in states:
+        if id(layer.weight) not in saved:
+            raise ValueError(f"layer {name!r}: the float weight before rounding is not saved on the model")
+        out[name] = saved[id(layer.weight)]
+    return out
+
+
+# ------------------------------------------------------------------------ operators for the export
+_PARAMS: dict[str, _QDQ] = {}  # key -> parameters, only during one export
+
+
+@torch.library.custom_op("vquant_export::qdq", mutates_args=())
+def _qdq_op(x: Tensor, key: str) -> Tensor:
+    return _PARAMS[key].torch_fn(x).clone()
+
+
+@torch.library.custom_op("vquant_export::weight", mutates_args=())
+def _weight_op(weight: Tensor, key: str) -> Tensor:
+    return weight.clone()
+
+
+@_qdq_op.register_fake
+def _(x, key):
+    return torch.empty_like(x)
+
+
+@_weight_op.register_fake
+def _(weight, key):
+    return torch.empty_like(weight)
+
+
+def _onnx_translations(four_bit: bool) -> dict:
+    """The translation of the vquant operators into ONNX (onnxscript, opset 21)."""
+    import onnx_ir as ir
+    from onnxscript import opset21 as op
+
+    def const(array: np.ndarray, dtype: str):
+        if dtype in ("uint4", "int4"):
+            import ml_dtypes
+
+            array = np.asarray(array).astype(getattr(ml_dtypes, dtype))
+        else:
+            array = np.asarray(array).astype(np.dtype(dtype) if dtype != "float32" else np.float32)
+        return op.Constant(value=ir.tensor(array))
+
+    def qdq(x, p: _QDQ):
+        axis = {"axis": p.axis} if p.scale.ndim else {}
+        ys, zp = const(p.scale, "float32"), const(p.zero_point, p.dtype)
+        rank = len(x.shape) if x.shape is not None else 4
+        bound = (lambda v, dtype: const(_channel_shape(v, p.axis, rank), dtype)) if p.scale.ndim else const
+        wide = p.clip is not None and p.dtype.endswith("16")
+        if wide:  # onnxruntime clamps no 16-bit integers: clamp the float input to the codes' bounds (exact: monotone)
+            lo, hi = ((c - p.zero_point) * p.scale.astype(np.float64) for c in p.clip)
+            x = op.Min(op.Max(x, bound(lo, "float32")), bound(hi, "float32"))
+        y = op.QuantizeLinear(x, ys, zp, **axis)
+        if p.clip is not None and not wide:  # integer bounds of a bit width narrower than the type
+            lo, hi = p.clip
+            y = op.Min(op.Max(y, bound(lo, p.dtype)), bound(hi, p.dtype)) if p.scale.ndim else \
+                op.Clip(y, const(lo, p.dtype), const(hi, p.dtype))
+        return op.DequantizeLinear(y, ys, zp, **axis)
+
+    def fake_quant(x, scale: float, zero_point: float, q_min: int, q_max: int):
+        t = lambda v: torch.tensor([float(v)])  # noqa: E731
+        signed = q_min < 0
+        p = _activation_qdq(torch.tensor([scale], dtype=torch.float32), t(zero_point), t(q_min), t(q_max), signed,
+                            four_bit, 1)
+        return qdq(x, p)
+
+    def qdq_key(x, key: str):
+        return qdq(x, _PARAMS[key])
+
+    def weight_key(weight, key: str):
+        p = _PARAMS[key]
+        return op.DequantizeLinear(const(p.codes, p.dtype), const(p.scale, "float32"), const(p.zero_point, p.dtype),
+                                   axis=0)
+
+    table = {torch.ops.vquant_export.qdq.default: qdq_key, torch.ops.vquant_export.weight.default: weight_key,
+             torch.ops.vquant_py.fake_quant.default: fake_quant}
+    if hasattr(torch.ops, "vquant") and hasattr(torch.ops.vquant, "fake_quant"):
+        with contextlib.suppress(AttributeError, RuntimeError):
+            table[torch.ops.vquant.fake_quant.default] = fake_quant
+    return table
+
+
+def _channel_shape(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    """Per-channel values shaped to broadcast along `axis` of a rank-`rank` input."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+class _KeyedQuantizer:
+    """Stands in for a per-channel activation quantizer in the export copy."""
+
+    def __init__(self, key: str, quantizer, channel_dim: int):
+        self.key, self.quantizer, self.bits = key, quantizer, quantizer.bits
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.vquant_export.qdq(x, self.key)
+
+
+class _KeyedWeight(nn.Module):
+    """A parametrization whose value is the weight itself; exported as its DequantizeLinear."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return torch.ops.vquant_export.weight(weight, self.key)
+
+
+class _KeyedQDQ(nn.Module):
+    """Stands in for an NVIDIA `TensorQuantizer` in the export copy."""
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.vquant_export.qdq(x, self.key)
+
+
+# ---------------------------------------------------------------------------- preparing the copy
+def _prepare_vquant(twin: nn.Module, original: nn.Module, keys: Iterator[str], four_bit: bool) -> list[ExportLayer]:
+    states = list(iter_states(original))
+    if not states:
+        return []
+    config = states[0][2].run.config
+    if config.bias_correction:
+        raise ValueError("bias_correction=True (ACIQ's per-channel weight correction) moves the quantized weights off "
+                         "their integer grid: such a model has no integer codes to export; quantize without it")
+    before = _weights_before_rounding(original, states)
+    rows, done = [], {}
+    for name, layer, state in states:
+        copy_layer = twin.get_submodule(name)
+        weight = layer.weight
+        if id(weight) in done:
+            desc, note = done[id(weight)]
+            note = f"weight shared with {desc!r}: written once"
+            w_desc = "shared"
+        else:
+            key = next(keys)
+            p, note = _weight_qdq(name, weight, before[name], _weight_bits(name, before[name], config), four_bit)
+            _PARAMS[key] = p
+            parametrize.register_parametrization(copy_layer, "weight", _KeyedWeight(key), unsafe=True)
+            done[id(weight)] = (name, note)
+            w_desc = f"{p.dtype} codes, per channel"
+        hook = input_quantizer(copy_layer)
+        if hook is None or hook.quantizer is None:
+            i_desc = "float"
+        else:
+            p = _quantizer_qdq(hook.quantizer, four_bit)
+            i_desc = _describe(p, hook.quantizer.bits if isinstance(hook.quantizer, ActivationQuantizer) else
+                               f"{int(hook.quantizer.channel_bits.min())}..{int(hook.quantizer.channel_bits.max())}")
+            if p.dtype.endswith("16"):
+                note = (note + "; " if note else "") + "input range too far from zero for 8 bits: 16-bit QDQ"
+            if isinstance(hook.quantizer, ChannelActivationQuantizer):
+                key = next(keys)
+                p.torch_fn = hook.quantizer
+                _PARAMS[key] = p
+                hook.quantizer = _KeyedQuantizer(key, hook.quantizer, hook.channel_dim)
+        rows.append(ExportLayer(name, "vquant", w_desc, i_desc, note=note))
+    return rows
+
+
+def _nvidia_qdq(name: str, q: TensorQuantizer, weight: bool) -> _QDQ | None:
+    """Scale-only symmetric QDQ of an NVIDIA-style quantizer, or None when it is off."""
+    if q._disabled or not q._if_quant:
+        return None
+    if q._if_clip or q._learn_amax:
+        raise ValueError(f"{name}: a learned clip range is not exported (NVIDIA's export neither); fix amax first")
+    if q.amax is None:
+        raise ValueError(f"{name}: no amax (dynamic, per batch): calibrate the model (vquant_pl.calibrate) or set "
+                         "amax before exporting")
+    amax = q.amax.detach().float().cpu()
+    if q._scale_amax is not None:
+        amax = amax * q._scale_amax
+    max_bound = 2.0 ** (q.num_bits - 1 + int(q.unsigned)) - 1.0
+    tiny = amax <= 2.0 ** -24
+    if bool(tiny.any()) and not weight:
+        raise ValueError(f"{name}: amax is zero: the exported QuantizeLinear would divide by zero")
+    ys = torch.where(tiny, torch.ones_like(amax), amax / max_bound).numpy().astype(np.float32).reshape(-1)
+    dtype = "uint8" if q.unsigned else "int8"
+    if q.num_bits > 8:
+        raise ValueError(f"{name}: {q.num_bits}-bit quantizers have no 8-bit ONNX type")
+    lo = 0 if q.unsigned else (-max_bound if q.narrow_range else -max_bound - 1)
+    t_min, t_max = _RANGES[dtype]
+    clip = None if (lo, max_bound) == (t_min, t_max) else (np.array(int(lo)), np.array(int(max_bound)))
+    axis = 0
+    if ys.size > 1:
+        dims = [d for d in range(q.amax.dim()) if q.amax.shape[d] != 1]
+        if len(dims) != 1:
+            raise ValueError(f"{name}: amax of shape {tuple(q.amax.shape)}: only one quantization axis is exported")
+        axis = dims[0]
+        if clip is not None:
+            clip = (np.full(ys.size, clip[0]), np.full(ys.size, clip[1]))
+    else:
+        ys = ys.reshape(())
+    zp = np.zeros(ys.shape, dtype=np.int64)
+    p = _QDQ(dtype, ys, zp, clip, axis)
+    p.torch_fn = q
+    return p
+
+
+def _prepare_nvidia(twin: nn.Module, keys: Iterator[str]) -> list[ExportLayer]:
+    rows = []
+    for name, layer in twin.named_modules():
+        quantizers = {what: getattr(layer, what, None) for what in ("_input_quantizer", "_weight_quantizer")}
+        if not all(isinstance(q, TensorQuantizer) for q in quantizers.values()):
+            continue
+        desc = {}
+        for what, q in quantizers.items():
+            p = _nvidia_qdq(f"layer {name!r} {what[1:]}", q, weight=what == "_weight_quantizer")
+            if p is None:
+                desc[what] = "float"
+                continue
+            key = next(keys)
+            _PARAMS[key] = p
+            setattr(layer, what, _KeyedQDQ(key))
+            desc[what] = _describe(p, q.num_bits).replace("QDQ", "QDQ symmetric")
+        rows.append(ExportLayer(name, "nvidia", desc["_weight_quantizer"], desc["_input_quantizer"]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, *, dynamic_batch: bool = True,
+                four_bit: bool = False, overwrite: bool = False, verify: bool = True) -> ExportReport:
+    """Write a quantized model as an ONNX QDQ model (opset 21) and check it in onnxruntime.
+
+    Args:
+        model: quantized by `quantize_model` (or the callback with `keep_quantized=True`), or
+            built from NVIDIA-style `QuantConv*`/`QuantLinear` layers with fixed amax. It is
+            not changed: a copy is exported.
+        path: the `.onnx` file to write.
+        example_input: an input batch (float32); its shape fixes all but the batch size.
+        dynamic_batch: leave the batch dimension free.
+        four_bit: hold 4-bit (and narrower) weights and inputs in ONNX's uint4/int4 types
+            instead of 8-bit types with a clamp (onnxruntime then runs them as float).
+        overwrite: replace an existing file.
+        verify: run `onnx.checker`, then the file in onnxruntime (CPU) on `example_input`,
+            and fill `max_abs_diff`, `same_argmax` and each layer's onnxruntime operator.
+
+    Returns:
+        An `ExportReport`: per layer how its weight and input were written.
+
+    Raises:
+        ImportError: onnx, onnxruntime or onnxscript is missing (the `export` extra).
+        FileExistsError: `path` exists and `overwrite` is False.
+        ValueError: the model is not quantized, is not float32, or a layer cannot be written
+            exactly (the message names it and says why).
+
+    Example:
+        >>> report = export_onnx(net, "net.onnx", torch.rand(1, 3, 224, 224))  # doctest: +SKIP
+        >>> print(report.table())  # doctest: +SKIP
+    """
+    require_onnx()
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+    if not isinstance(example_input, Tensor) or example_input.dtype != torch.float32:
+        raise ValueError(f"example_input must be a float32 tensor, got "
+                         f"{getattr(example_input, 'dtype', type(example_input).__name__)}")
+    bad = next((n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
+                if p.is_floating_point() and p.dtype != torch.float32), None)
+    if bad is not None:
+        raise ValueError(f"tensor {bad!r} of the model is not float32: export a float32 model (model.float())")
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    twin = copy.deepcopy(model).cpu().eval()
+    keys = (f"{id(twin)}:{i}" for i in itertools.count())
+    try:
+        rows = _prepare_vquant(twin, model, keys, four_bit) + _prepare_nvidia(twin, keys)
+        if not rows:
+            raise ValueError(f"{type(model).__name__} is not quantized: quantize it with vquant_pl.quantize_model "
+                             "(or the callback with keep_quantized=True), or build it from QuantConv*/QuantLinear")
+        x = example_input.detach().cpu()
+        dynamic = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp, torch.no_grad(), _quiet():
+            written = Path(tmp) / path.name
+            torch.onnx.export(twin, (x,), str(written), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic,
+                              custom_translation_table=_onnx_translations(four_bit), optimize=True,
+                              external_data=False, verbose=False)
+            import onnx
+
+            onnx.checker.check_model(str(written), full_check=True)
+            os.replace(written, path)
+    finally:
+        _PARAMS.clear()
+    report = ExportReport(str(path), OPSET, rows)
+    if verify:
+        _verify(report, model, example_input.to(device))
+    return report
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints its steps; keep the user's terminal to what vquant says."""
+    import io
+    import contextlib as cl
+
+    with cl.redirect_stdout(io.StringIO()):
+        yield
+
+
+# --------------------------------------------------------------------------------- onnxruntime
+def ort_session(path: str | os.PathLike, optimized_path: str | os.PathLike | None = None, threads: int | None = None):
+    """An onnxruntime CPU session of `path` (all graph optimizations); with
+    `optimized_path`, the optimized graph is written there (to see which kernels run)."""
+    require_onnx()
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, x: Tensor) -> np.ndarray:
+    """The session's first output on a batch."""
+    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().float().numpy()})[0]
+
+
+def onnxruntime_kernels(path: str | os.PathLike) -> dict[str, str]:
+    """Per weight initializer of the file, the operator onnxruntime runs it with after its
+    graph optimizations (e.g. `QLinearConv` for an integer kernel, `Conv` for float emulation)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, optimized)
+        graph = onnx.load(str(optimized)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    found = {}
+    for node in graph.node:
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            continue
+        for name in node.input:
+            src = producers.get(name)
+            while src is not None and src.op_type in ("DequantizeLinear", "QuantizeLinear"):
+                name = src.input[0]
+                src = producers.get(name)
+            found.setdefault(name, node.op_type)
+    return found
+
+
+def _layer_ops(path: str, rows: list[ExportLayer]) -> None:
+    """Fill each row's onnxruntime operator (from the optimized graph) and, for a float
+    one, the reason onnxruntime did not fuse it into an integer kernel."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    kernels = onnxruntime_kernels(path)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    producers = {out: node for node in graph.node for out in node.output}
+    for row, node in zip(rows, convs):
+        weight_src = producers.get(node.input[1])
+        weight_init = weight_src.input[0] if weight_src is not None else node.input[1]
+        while weight_init in producers and producers[weight_init].op_type in ("QuantizeLinear", "Transpose"):
+            weight_init = producers[weight_init].input[0]
+        row.ort_op = kernels.get(weight_init, "?")
+        if row.ort_op in INTEGER_OPS:
+            continue
+        after = sorted({c.op_type for c in consumers.get(node.output[0], [])})
+        why = []
+        if row.input == "float":
+            why.append("input float")
+        if not row.weight.startswith(("uint8", "int8", "shared")):
+            why.append(f"{row.weight.split()[0]} weights")
+        if "QuantizeLinear" not in after:
+            why.append(f"output goes to {'/'.join(after) or 'the graph output'}, not a QuantizeLinear")
+        row.note = "; ".join(filter(None, [row.note, "float emulation: " + ", ".join(why or ["not fused"])]))
+
+
+def _verify(report: ExportReport, model: nn.Module, x: Tensor) -> None:
+    import onnx  # noqa: F401
+
+    _layer_ops(report.path, report.layers)
+    session = ort_session(report.path)
+    got = torch.from_numpy(run_onnx(session, x))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = model(x).detach().float().cpu()
+    finally:
+        model.train(training)
+    report.max_abs_diff = float((got - want).abs().max())
+    report.same_argmax = float((got.argmax(-1) == want.argmax(-1)).float().mean())
