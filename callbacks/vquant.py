@@ -19,7 +19,7 @@ from vquant_pl.quantize import (activation_ranges, is_quantized, quantization_re
                                 set_activation_ranges)
 from vquant_pl.methods.table import METHODS
 from vquant_pl.report import QuantReport
-from vquant_pl.state import originals
+from vquant_pl.state import originals, storage_key
 
 Stage = Literal["test", "validate", "predict"]
 STAGES = ("test", "validate", "predict")
@@ -142,16 +142,16 @@ class VQuantCallback(pl.Callback):
     @staticmethod
     def _tied_keys(pl_module: nn.Module, state: dict) -> None:
         """A weight shared by several layers is saved under each name: float under all."""
-        owners: dict[int, Tensor] = {}
+        owners: dict[tuple, Tensor] = {}  # by storage: two Parameters over one tensor are tied too
         for name, module in pl_module.named_modules():
             original = originals(module).get("weight")
             if original is not None:
-                owners[id(module.weight)] = original
+                owners[storage_key(module.weight)] = original
         for name, module in pl_module.named_modules():
             weight = getattr(module, "weight", None)
             key = f"{name}.weight" if name else "weight"
-            if isinstance(weight, Tensor) and id(weight) in owners and key in state:
-                state[key] = owners[id(weight)].detach().clone().to(state[key].device)
+            if isinstance(weight, Tensor) and key in state and storage_key(weight) in owners:
+                state[key] = owners[storage_key(weight)].detach().clone().to(state[key].device)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.settings, target=self.target, stages=list(self.stages), keep_quantized=self.keep_quantized)
@@ -222,6 +222,8 @@ class VQuantCallback(pl.Callback):
         """What a logger records: the resolved settings and the probe actually used."""
         probe = self.report.probe if self.report is not None else None
         out = {f"vquant/{k}": v for k, v in self.settings.items()}
+        if self.report is not None:  # the sigma of the layers ranged by the sigma rule; None when none was
+            out["vquant/sigma"] = self.report.sigma
         out["vquant/probe"] = probe
         out["vquant/backend"] = self.report.backend if self.report is not None else None
         return out

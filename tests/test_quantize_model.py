@@ -354,3 +354,78 @@ def test_an_already_quantized_model_names_the_layer():
     vq.quantize_model(net, act_bits=None)
     with pytest.raises(RuntimeError, match=r"already quantized \(layer '0'\)"):
         vq.quantize_model(net, act_bits=None)
+
+
+# -- issue 18 items 5-6: the sigma actually used; a module called more than once per forward ----------------------
+def test_the_report_gives_a_sigma_only_when_a_layer_used_the_sigma_rule():
+    net = _two_layer_net()
+    report = vq.quantize_model(net, 4, 4, act_range="aciq-laplace", probe=vq.Probe(shape=(8, 3, 8, 8)))
+    assert report.sigma is None and report.sigma_layers == [] and report.to_dict()["config"]["sigma"] is None
+    assert {r.act_rule for r in report.layers[1:]} == {"aciq-laplace"}
+    vq.restore_model(net)
+    report = vq.quantize_model(net, 4, 4, act_range="sigma", probe=vq.Probe(shape=(8, 3, 8, 8)))
+    assert report.sigma == 12.0 and report.sigma_layers == ["2", "5"]
+
+
+def test_bn_ranges_on_every_layer_report_no_sigma():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    report = vq.quantize_model(net, 4, 4, act_range="bn")
+    assert report.probe_time_s == 0.0 and report.sigma is None
+    assert [r.act_rule for r in report.layers] == [None, "bn", "bn"]
+
+
+class Siamese(nn.Module):
+    """One block applied to two inputs of very different scale in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.shared = nn.Conv2d(8, 8, 3)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        a = self.shared(h).mean((2, 3))
+        b = self.shared(h * 20).mean((2, 3))
+        return self.head(torch.cat([a, b], 1))
+
+
+def test_a_module_called_twice_is_ranged_over_every_call_and_named_in_the_report():
+    torch.manual_seed(0)
+    net = Siamese()
+    probe = torch.rand(16, 3, 10, 10)
+    h = net.stem(probe)
+    report = vq.quantize_model(net, 8, 8, act_range="sigma", probe=probe)
+    row = report.layers[1]
+    assert row.name == "shared" and row.calls == 2 and report.multi_call_layers == ["shared"]
+    assert "called 2 times per forward" in row.note and "shared" in report.table()
+    # the range covers the larger second call: the sigma rule on h * 20
+    _, hi, signed = vq.sigma_range(h * 20, 8, 25.0)
+    q = vq.activation_ranges(net)[1]
+    assert q[0] == 8 and q[2] >= hi * 0.5 and q[1] <= -hi * 0.5 if signed else q[2] >= hi * 0.99
+
+
+def test_a_module_called_twice_under_bn_ranges_covers_every_producer():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+            self.shared = nn.Conv2d(8, 8, 1)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.stem(x)
+            a = self.shared(torch.relu(self.bn_a(h))).mean((2, 3))
+            b = self.shared(torch.relu(self.bn_b(h))).mean((2, 3))
+            return self.head(torch.cat([a, b], 1))
+
+    net = TwoBranches().eval()
+    with torch.no_grad():
+        net.bn_a.bias.fill_(1.0), net.bn_a.weight.fill_(0.5)
+        net.bn_b.bias.fill_(4.0), net.bn_b.weight.fill_(2.0)
+    report = vq.quantize_model(net, 8, 8, act_range="bn", bn_k=3.0)
+    row = next(r for r in report.layers if r.name == "shared")
+    assert row.calls == 2 and row.act_rule == "bn"
+    assert row.act_lo == 0.0 and row.act_hi == pytest.approx(4.0 + 3 * 2.0)  # branch b's range, the wider one

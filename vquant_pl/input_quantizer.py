@@ -1,8 +1,9 @@
 """`InputQuantizer`: the forward pre-hook that fake-quantizes a layer's input.
 
 A plain object (no closures), so models that carry it deepcopy and pickle. While a run
-fixes the ranges it is in one of two modes: `range` (the first input it sees -- the
-probe -- fixes the range through `ranger`) or `collect` (a calibrator collects inputs, which
+fixes the ranges it is in one of two modes: `range` (each input it sees -- the probe,
+once per call of the layer in one forward -- is ranged through `ranger`, and the range
+covers every call) or `collect` (a calibrator collects inputs, which
 stay float). After the run, only `quantizer` (or None: the input stays float) is used.
 """
 from __future__ import annotations
@@ -27,25 +28,32 @@ class InputQuantizer:
         self.ranger: Callable[[Tensor, int], tuple] | None = None  # only while ranging
         self.calibrator = None  # only while collecting
         self.saw_negative = False
+        self.calls = 0  # inputs seen while the run fixes the ranges (a module called twice in one forward: 2)
+        self.counting = True
 
     def __call__(self, module, args: tuple):
         if not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
+        if self.counting:
+            self.calls += 1
         if self.mode == "collect":
             self._check_finite(x)
             self.calibrator.collect(x.float())
             self.saw_negative = self.saw_negative or bool(x.min() < 0)
             return None
-        if self.quantizer is None:
-            if self.mode != "range":
-                return None  # never reached while ranging: the input stays float
+        if self.mode == "range":
             self._check_finite(x)
             try:
                 lo, hi, signed = self.ranger(x, self.bits)
             except ValueError as err:
                 raise ValueError(f"layer {self.name!r}: {err}") from None
+            q = self.quantizer
+            if q is not None:  # called again in the same forward: the range covers every call
+                lo, hi, signed = min(lo, q.lo), max(hi, q.hi), signed or q.signed
             self.quantizer = ActivationQuantizer(self.bits, lo, hi, signed)
+        elif self.quantizer is None:
+            return None  # never reached while ranging: the input stays float
         return (self.quantizer(x), *args[1:])
 
     def _check_finite(self, x: Tensor) -> None:
@@ -55,7 +63,7 @@ class InputQuantizer:
 
     def finish(self) -> None:
         """End of the run: drop what only ranging needed."""
-        self.mode, self.ranger, self.calibrator = "fixed", None, None
+        self.mode, self.ranger, self.calibrator, self.counting = "fixed", None, None, False
 
     def __repr__(self) -> str:
         r = "float" if self.quantizer is None else f"{self.quantizer.bits} bits [{self.quantizer.lo:.4g}, {self.quantizer.hi:.4g}]"

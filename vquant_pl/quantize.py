@@ -25,6 +25,7 @@ from .input_quantizer import InputQuantizer, Quantizer
 from .probe import Probe, make_probe
 from .methods.table import METHODS, RangeMethod
 from .report import LayerReport, QuantReport
+from .methods.bn_graph import bn_call_stats
 from .layers import BATCHNORMS, QUANTIZABLE, in_channels, input_channel_dim, quantizable_layers
 from .state import (LayerState, RunInfo, attach_state, has_state, input_quantizer, iter_states, restore_all,
                     run_scope, save_original, storage_key, undo_run)
@@ -134,12 +135,15 @@ def _layer_act_bits(config: QuantConfig, count: int) -> list[Optional[int]]:
 
 def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
     """Ranges from BatchNorm statistics (DFQ), before any probe; reasons where none."""
-    from .methods.bn_graph import bn_stats
-
     config, method = plan.config, plan.method
-    stats = bn_stats(model, [name for name, _ in plan.layers[1:]], QUANTIZABLE)
+    stats = bn_call_stats(model, [name for name, _ in plan.layers[1:]], QUANTIZABLE)
     for (name, layer), bits in zip(plan.layers[1:], plan.act_bits[1:]):
         s = stats[name]
+        if isinstance(s, list) and len(s) > 1:  # a block called more than once: every call's producer
+            plan.calls[name] = len(s)
+            plan.fixed[name] = _union_of_calls(s, bits, config, method, layer)
+            continue
+        s = s[0] if isinstance(s, list) else s
         if isinstance(s, str):
             plan.fixed[name] = s
         elif not (config.act_bit_allocation or config.act_per_channel):
@@ -148,6 +152,18 @@ def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
             plan.fixed[name] = f"BN statistics for {s.mean.numel()} channels, input has {in_channels(layer)}"
         else:
             plan.fixed[name] = method.bn_channels(s, bits, config, input_channel_dim(layer))
+
+
+def _union_of_calls(stats: list, bits: int, config: QuantConfig, method: RangeMethod,
+                    layer: nn.Module) -> ActivationQuantizer | str:
+    """One per-tensor range covering the BatchNorm range of every call, or why there is none."""
+    why = next((s for s in stats if isinstance(s, str)), None)
+    if why is not None:
+        return f"called {len(stats)} times in one forward, one call's {why}"
+    if config.act_bit_allocation or config.act_per_channel:
+        return f"called {len(stats)} times in one forward: per-channel ranges need one producer"
+    ranges = [method.range_from_bn(s, bits, config, layer) for s in stats]
+    return ActivationQuantizer(bits, min(r[0] for r in ranges), max(r[1] for r in ranges), any(r[2] for r in ranges))
 
 
 def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, calibration) -> _Plan:
@@ -326,6 +342,9 @@ def _attach_input_quantizers(plan: _Plan, rows: list[LayerReport]) -> list[Input
             continue
         given = plan.fixed.get(name)
         hook = InputQuantizer(name, bits, input_channel_dim(layer), None if given is None or isinstance(given, str) else given)
+        row.act_rule = plan.method.name
+        if hook.quantizer is not None and plan.method.name != "bn":
+            row.act_rule += " (BatchNorm)"  # e.g. ACIQ on BatchNorm statistics
         if plan.method.calibrated:
             from .nvidia.calib import make_calibrator
 
@@ -334,6 +353,7 @@ def _attach_input_quantizers(plan: _Plan, rows: list[LayerReport]) -> list[Input
             if fallback.pre_activation and plan.tap is None:
                 plan.tap = PreActivationTap()  # ACIQ: one-sided clips from the moments before each ReLU
             hook.mode, hook.ranger = "range", _Ranger(fallback, config, plan.tap)
+            row.act_rule = fallback.name
             if isinstance(given, str):
                 row.note = _join(row.note, f"bn range fallback to {fallback.name} on the probe: {given}")
         layer.register_forward_pre_hook(hook)
@@ -402,7 +422,10 @@ def _correct_bias(model: nn.Module, plan: _Plan, hooks: list, rows: list[LayerRe
 # -- commit -------------------------------------------------------------------------------
 def _commit(plan: _Plan, rows: list[LayerReport], hooks: list, run: RunInfo) -> None:
     """Finish the hooks, fill the rows, and attach the layer states."""
-    for (_, layer), row, hook in zip(plan.layers, rows, hooks):
+    for (name, layer), row, hook in zip(plan.layers, rows, hooks):
+        row.calls = max(plan.calls.get(name, 1), hook.calls if hook is not None and plan.probe is not None else 1)
+        if row.calls > 1:
+            row.note = _join(row.note, f"called {row.calls} times per forward: the input range covers every call")
         if hook is None:
             if plan.config.quantizes_activations:
                 row.note = _join(row.note, "first layer: input float")
@@ -410,6 +433,7 @@ def _commit(plan: _Plan, rows: list[LayerReport], hooks: list, run: RunInfo) -> 
             hook.finish()
             if hook.quantizer is None:
                 row.note = _join(row.note, "not reached by the probe: input float")
+                row.act_rule = None
             else:
                 _fill_row(row, hook.quantizer)
         attach_state(layer, LayerState(row, run))

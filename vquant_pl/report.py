@@ -23,6 +23,8 @@ class LayerReport:
     weight_mse: float
     time_ms: float
     note: str = ""
+    act_rule: str | None = None  # what ranged the input: "sigma", "bn", "aciq-laplace (BatchNorm)", "max", ...
+    calls: int = 1  # calls of the layer in one forward (a shared block: more than one)
 
 
 @dataclass
@@ -54,8 +56,19 @@ class QuantReport:
 
     @property
     def sigma(self) -> float | None:
-        """The sigma actually used (the paper's value when the config left it None)."""
-        return self.config.resolved_sigma
+        """The sigma actually used (the paper's value when the config left it None), or None
+        when no layer was ranged by the sigma rule."""
+        return self.config.resolved_sigma if self.sigma_layers else None
+
+    @property
+    def sigma_layers(self) -> list[str]:
+        """The layers whose input range came from the sigma rule."""
+        return [r.name for r in self.layers if r.act_rule == "sigma"]
+
+    @property
+    def multi_call_layers(self) -> list[str]:
+        """Layers called more than once in one forward (their input range covers every call)."""
+        return [r.name for r in self.layers if r.calls > 1]
 
     @property
     def num_layers(self) -> int:
@@ -73,7 +86,7 @@ class QuantReport:
 
     def to_dict(self) -> dict:
         """Plain values (JSON-ready): the resolved settings, every layer and the totals."""
-        return {"config": self.config.to_dict(resolved=True), "backend": self.backend,
+        return {"config": self.config.to_dict(resolved=True) | {"sigma": self.sigma}, "backend": self.backend,
                 "probe": self.probe, "weight_time_s": self.weight_time_s, "probe_time_s": self.probe_time_s,
                 "num_layers": self.num_layers, "num_weights": self.num_weights,
                 "layers": [asdict(r) for r in self.layers]}
@@ -87,6 +100,9 @@ class QuantReport:
             rng = "" if r.act_hi is None else f"[{r.act_lo:.4g}, {r.act_hi:.4g}]"
             rows.append(f"{i:>3}  {r.name[-40:]:<40} {r.kind[:10]:<10} {r.weight_bits:>2} {act:>2}  "
                         f"{rng:<22} {r.weight_mse:>9.3g} {r.time_ms:>7.2f}" + (f"  {r.note}" if r.note else ""))
+        if self.multi_call_layers:
+            rows.append(f"called more than once per forward (ranges cover every call): "
+                        f"{', '.join(self.multi_call_layers)}")
         rows.append(
             f"{self.num_layers} layers, {self.num_weights:,} weights, W{self.weight_bits}"
             f"A{self.act_bits or 'float'} {self.rounding} on {self.backend}: weights "

@@ -111,26 +111,43 @@ def stats_range(s: ChannelStats, k: float) -> tuple[float, float, bool]:
     return -alpha, alpha, True
 
 
-def bn_stats(model: nn.Module, layer_names: list[str], leaves: tuple = QUANTIZABLE) -> dict[str, ChannelStats | str]:
-    """For each layer name: the per-channel statistics of its input carried from BatchNorm,
-    or the reason there are none."""
+def bn_call_stats(model: nn.Module, layer_names: list[str],
+                  leaves: tuple = QUANTIZABLE) -> dict[str, list[ChannelStats | str] | str]:
+    """For each layer name, one entry per call of the layer in the traced forward (a shared
+    block is called more than once): the per-channel statistics of that call's input carried
+    from BatchNorm, or the reason there are none; a reason for the layer when the trace fails."""
     try:
         graph = LeafTracer(leaves).trace(model)
     except Exception as err:
         return {name: f"fx trace failed ({type(err).__name__})" for name in layer_names}
     modules = dict(model.named_modules())
-    firsts: dict[str, fx.Node] = {}
+    calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_module" and node.target not in firsts:
-            firsts[node.target] = node
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
     memo: dict = {}
-    out: dict[str, ChannelStats | str] = {}
+    out: dict[str, list[ChannelStats | str] | str] = {}
     for name in layer_names:
-        node = firsts.get(name)
-        if node is None or not node.args or not isinstance(node.args[0], fx.Node):
+        nodes = calls.get(name)
+        if not nodes:
             out[name] = "not a call in the traced graph"
             continue
-        s = _stats(node.args[0], modules, memo)
-        out[name] = "input not produced by a BatchNorm" if s is None else s
+        out[name] = []
+        for node in nodes:
+            s = _stats(node.args[0], modules, memo) if node.args and isinstance(node.args[0], fx.Node) else None
+            out[name].append("input not produced by a BatchNorm" if s is None else s)
+    return out
+
+
+def bn_stats(model: nn.Module, layer_names: list[str], leaves: tuple = QUANTIZABLE) -> dict[str, ChannelStats | str]:
+    """For each layer name: the per-channel statistics of its input carried from BatchNorm,
+    or the reason there are none (also for a layer called more than once in one forward,
+    whose input has more than one distribution)."""
+    out: dict[str, ChannelStats | str] = {}
+    for name, calls in bn_call_stats(model, layer_names, leaves).items():
+        if isinstance(calls, str) or len(calls) == 1:
+            out[name] = calls if isinstance(calls, str) else calls[0]
+        else:
+            out[name] = f"called {len(calls)} times in one forward"
     return out
 
