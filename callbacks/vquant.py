@@ -25,6 +25,17 @@ Stage = Literal["test", "validate", "predict"]
 STAGES = ("test", "validate", "predict")
 
 
+def _new_file(path: str):
+    """Open `path` for writing, or `<stem>_1<suffix>`, `_2`... when it exists (never overwrite)."""
+    stem, suffix = os.path.splitext(path)
+    for n in range(10_000):
+        try:
+            return open(path if n == 0 else f"{stem}_{n}{suffix}", "x")
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path} and 9999 numbered variants exist")
+
+
 class VQuantCallback(pl.Callback):
     """Quantize the model (or its submodule `target`) at the start of the chosen stages and
     restore the exact float weights at their end, unless `keep_quantized`.
@@ -240,7 +251,7 @@ class VQuantCallback(pl.Callback):
             log_dir = getattr(logger, "log_dir", None)
             if log_dir:
                 os.makedirs(log_dir, exist_ok=True)
-                with open(os.path.join(log_dir, "vquant_report.json"), "w") as f:
+                with _new_file(os.path.join(log_dir, "vquant_report.json")) as f:  # never over an earlier report
                     json.dump(report.to_dict(), f, indent=1)
             experiment = getattr(logger, "experiment", None)
             add_text = getattr(experiment, "add_text", None)

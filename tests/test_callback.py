@@ -116,3 +116,26 @@ def test_hparams_hold_the_resolved_settings():
     hp = callback.hparams()
     assert hp["vquant/sigma"] == 25.0 and hp["vquant/probe"] == {"seed": 0, "shape": list(PROBE)}
     assert hp["vquant/probe_seed"] == 0 and hp["vquant/probe_shape"] == list(PROBE)
+
+
+def test_logged_sigma_is_none_when_no_layer_used_the_sigma_rule():
+    """Issue 18 item 5: `vquant/sigma` said 12.0 for an aciq-laplace run."""
+    module = UserModule()
+    callback = vq.VQuantCallback(4, 4, act_range="aciq-laplace", probe_shape=PROBE, verbose=False)
+    _trainer(None, callback).test(module, verbose=False)
+    assert callback.report.sigma_layers == [] and callback.hparams()["vquant/sigma"] is None
+
+
+def test_a_reused_log_folder_keeps_every_report(tmp_path):
+    """A second run into the same logger folder writes vquant_report_1.json, never over the first."""
+    import json
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    for bits in (8, 6):
+        callback = vq.VQuantCallback(bits, bits, probe_shape=PROBE, verbose=False)
+        logger = CSVLogger(tmp_path, name="run", version=0)
+        _trainer(tmp_path, callback, logger=logger).test(UserModule(), verbose=False)
+    folder = tmp_path / "run" / "version_0"
+    first, second = (json.loads((folder / n).read_text()) for n in ("vquant_report.json", "vquant_report_1.json"))
+    assert first["config"]["weight_bits"] == 8 and second["config"]["weight_bits"] == 6
