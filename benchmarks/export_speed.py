@@ -9,8 +9,8 @@ onnxruntime (CPU) from the file; prints top-1 / top-5 of both, how many images' 
 predictions agree, the largest logit difference, and which layers onnxruntime ran as
 integer kernels. Models: EfficientNet-Lite0 (ImageNet weights) at W8A8/W6A6/W4A4, a
 ResNet18 without ImageNet weights (pytorchcv, seeded random init: only the agreement means
-something) at W8A8, and an NVIDIA-style Lite0 (QuantConv2d/QuantLinear, 8 bits, max
-calibration on 4 images of the extra sample).
+something) at W8A8, and an NVIDIA-style ResNet18 (pytorchcv built inside `quantized_layers()`: QuantConv2d /
+QuantLinear, 8 bits, seeded random init, max calibration on 4 images of the extra sample).
 
 `speed`: images/s of EfficientNet-Lite0 (synthetic input) in PyTorch FP32, PyTorch W8A8
 fake-quant, and onnxruntime running the exported W8A8 file, in the same run; the median of
@@ -33,7 +33,7 @@ import vquant_pl as vq
 from vquant_pl.export import onnxruntime_kernels, ort_session, run_onnx  # noqa: F401
 
 SHARED = Path(os.environ.get("VQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-MODELS = ["lite0-w8a8", "lite0-w6a6", "lite0-w4a4", "resnet18-w8a8", "nvidia-lite0-w8a8"]
+MODELS = ["lite0-w8a8", "lite0-w6a6", "lite0-w4a4", "resnet18-w8a8", "nvidia-resnet18-w8a8"]
 
 
 def machine() -> str:
@@ -60,8 +60,9 @@ def build(name: str, sample: Path):
     if name.startswith("nvidia-"):
         from vquant_pl.nvidia import quant_modules
 
-        with quant_modules.quantized_layers():
-            model, prep = vq.create_model("efficientnet_lite:lite0")
+        torch.manual_seed(0)
+        with quant_modules.quantized_layers():  # pytorchcv builds nn.Conv2d at call time: every layer swapped
+            model, prep = vq.create_model("pytorchcv:resnet18", pretrained=False)
         model.eval()
         extra = sample.parent / "imagenet-sample-extra"
         calib, _ = load_images(extra, prep.transform(), 4)

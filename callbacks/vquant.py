@@ -50,6 +50,9 @@ class VQuantCallback(pl.Callback):
         target: dotted name of the submodule to quantize; None quantizes the whole LightningModule.
         stages: the stages that run quantized: any of test, validate, predict.
         keep_quantized: leave the model quantized after the stage.
+        export: write the quantized model there as ONNX QDQ (`vquant_pl.export_onnx`), on
+            rank 0, from the first batch of the stage (an existing file is an error, raised
+            before quantizing; needs the `export` extra).
         verbose: print the per-layer table on rank 0.
 
     Raises:
@@ -79,7 +82,7 @@ class VQuantCallback(pl.Callback):
                  bias_correction_rule: BiasCorrectionRule = "mean", aciq_cap: bool = False,
                  probe: Union[Tensor, Probe, None] = None, target: Optional[str] = None,
                  stages: Union[Stage, Sequence[Stage]] = ("test",), keep_quantized: bool = False,
-                 verbose: bool = True):
+                 export: Optional[str] = None, verbose: bool = True):
         given = locals()
         settings = {name: given[name] for name in QuantConfig.field_names()}
         # weight_bits None: the float baseline, nothing is quantized (the rest is still checked)
@@ -95,6 +98,8 @@ class VQuantCallback(pl.Callback):
             raise ValueError(f"target must be a submodule name (str) or None, got {target!r}")
         self.probe = probe
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
+        self.export, self.export_report = export, None
+        self._export_hook = None
         self._quantized: nn.Module | None = None  # the module this callback quantized
         self.report: QuantReport | None = None
 
@@ -199,6 +204,12 @@ class VQuantCallback(pl.Callback):
         if is_quantized(module):
             rank_zero_info(f"vquant: {type(module).__name__} is already quantized; not quantizing it again")
             return
+        if self.export is not None:  # before any work: the extra is there and no file is overwritten
+            from vquant_pl.export import require_onnx
+
+            require_onnx()
+            if os.path.exists(self.export):
+                raise FileExistsError(f"VQuantCallback(export={self.export!r}): the file exists; choose another path")
         start = time.perf_counter()
         calibration = None
         if self.config.quantizes_activations and METHODS[self.config.act_range].calibrated:
@@ -213,8 +224,13 @@ class VQuantCallback(pl.Callback):
         self._broadcast(trainer, module)
         self.report = quantization_report(module)
         self._log(trainer, self.report, time.perf_counter() - start)
+        if self.export is not None and trainer.is_global_zero:
+            self._export_hook = _ExportOnFirstInput.attach(self, module)
 
     def _end(self, stage: str) -> None:
+        if self._export_hook is not None:  # a stage without a batch: nothing was exported
+            self._export_hook.remove()
+            self._export_hook = None
         if stage in self.stages and not self.keep_quantized:
             self.restore()
 
@@ -267,6 +283,36 @@ class VQuantCallback(pl.Callback):
                     add_figure("vquant/layers", layer_figure(report), trainer.global_step)
         if self.verbose:
             rank_zero_info(report.table() + f"\nquantized in {seconds:.2f} s")
+
+
+class _ExportOnFirstInput:
+    """A forward pre-hook on the smallest module holding every quantized layer: exports it
+    with the first input it sees, then removes itself."""
+
+    def __init__(self, callback: VQuantCallback):
+        self.callback, self.handle = callback, None
+
+    @classmethod
+    def attach(cls, callback: VQuantCallback, module: nn.Module):
+        from vquant_pl.state import iter_states
+
+        parents = [name.split(".")[:-1] for name, _, _ in iter_states(module)]
+        common = os.path.commonprefix(parents) if parents else []
+        hook = cls(callback)
+        hook.handle = module.get_submodule(".".join(common)).register_forward_pre_hook(hook)
+        return hook.handle
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.handle.remove()
+        self.callback._export_hook = None
+        if args and isinstance(args[0], Tensor):
+            from vquant_pl.export import export_onnx
+
+            report = export_onnx(module, self.callback.export, args[0][:2].detach().float())
+            self.callback.export_report = report
+            rank_zero_info(f"vquant: exported {self.callback.export} (onnxruntime vs PyTorch on the first batch: "
+                           f"largest output difference {report.max_abs_diff:.3g}; {len(report.integer_layers)} of "
+                           f"{len(report.layers)} layers run as integer kernels)")
 
 
 VQuantCallback.__doc__ = VQuantCallback.__doc__.replace("{settings}", QuantConfig.args_doc(

@@ -245,3 +245,44 @@ def test_lite0_w8a8_same_top1_top5_in_onnxruntime(lite0_sample, tmp_path):
     assert int((top5(got)[:, 0] == labels).sum()) == int((top5(want)[:, 0] == labels).sum())
     assert int((top5(got) == labels[:, None]).any(1).sum()) == int((top5(want) == labels[:, None]).any(1).sum())
     assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_callback_exports_on_rank_zero_after_quantizing(tmp_path):
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def test_step(self, batch, batch_idx):
+            self.log("test/mean", self(batch[0]).mean())
+
+        def test_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.rand(4, 3, 16, 16))
+            return torch.utils.data.DataLoader(data, batch_size=2)
+
+    path = tmp_path / "cb.onnx"
+    callback = vq.VQuantCallback(8, 8, act_range="sigma", probe_shape=(4, 3, 16, 16), export=str(path),
+                                 keep_quantized=True, verbose=False)
+    module = Module()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[callback])
+    trainer.test(module)
+    onnx.checker.check_model(str(path))
+    assert [r.name for r in callback.export_report.layers] == ["0", "3", "5", "8"]  # the net inside the module
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        want = module.net(x).numpy()
+    assert np.abs(run_onnx(ort_session(path), x) - want).max() < 1e-4
+    # a second run never overwrites the file, and says so before quantizing
+    again = vq.VQuantCallback(8, 8, act_range="sigma", probe_shape=(4, 3, 16, 16), export=str(path), verbose=False)
+    vq.restore_model(module.net)
+    with pytest.raises(FileExistsError, match="cb.onnx"):
+        pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[again]).test(module)
+    assert not vq.is_quantized(module.net)

@@ -54,7 +54,7 @@ from .methods.aciq import weight_channel_bits
 from .nvidia.quant_modules import TensorQuantizer
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer, affine_scale, dequantize
 from .quantize import apply_transforms
-from .state import ORIGINALS, input_quantizer, iter_states, restore_all
+from .state import input_quantizer, iter_states, originals, restore_all
 
 OPSET = 21
 EXTRA = "pip install 'vquant-pl[export]'"
@@ -211,12 +211,14 @@ def _weight_qdq(name: str, quantized: Tensor, before: Tensor, channel_bits: Tens
 
 
 def _weight_bits(layer_name: str, before: Tensor, config) -> Tensor:
-    bits = weight_channel_bits(before, config.weight_bits, config.bit_allocation_rule) if config.bit_allocation else None
+    """Bits per output channel, as `quantize_model` gave them (ACIQ bit allocation or uniform)."""
+    bits = weight_channel_bits(before, config.weight_bits, config.bit_allocation_rule) if config.bit_allocation \
+        else None
     if bits is None:
         return torch.full((before.shape[0],), config.weight_bits, dtype=torch.long)
     if bool((bits == 0).any()):
-        raise ValueError(f"layer {layer_name!r}: ACIQ bit allocation gave {int((bits == 0).sum())} output channel(s) "
-                         "0 bits (a constant channel), which has no integer codes to export")
+        raise ValueError(f"layer {layer_name!r}: output channel {int((bits == 0).nonzero()[0])} got 0 bits from the "
+                         "bit allocation (its weights are set to their minimum): it has no integer grid to export")
     return bits
 
 
@@ -233,7 +235,7 @@ def _weights_before_rounding(model: nn.Module, states: list) -> dict[str, Tensor
         return {name: twin.get_submodule(name).weight.detach().clone() for name, _, _ in states}
     saved: dict[int, Tensor] = {}
     for module in model.modules():
-        for key, value in module.__dict__.get(ORIGINALS, {}).items():
+        for key, value in originals(module).items():
             saved[id(getattr(module, key))] = value
     out = {}
     for name, layer, _ in states:
@@ -493,7 +495,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         >>> print(report.table())  # doctest: +SKIP
     """
     require_onnx()
-    path = Path(path)
+    with torch.inference_mode(False):  # also from inside a Lightning test loop
+        return _export(model, Path(path), example_input, dynamic_batch, four_bit, overwrite, verify)
+
+
+def _export(model: nn.Module, path: Path, example_input: Tensor, dynamic_batch: bool, four_bit: bool,
+            overwrite: bool, verify: bool) -> ExportReport:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
     if not isinstance(example_input, Tensor) or example_input.dtype != torch.float32:
@@ -511,7 +518,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         if not rows:
             raise ValueError(f"{type(model).__name__} is not quantized: quantize it with vquant_pl.quantize_model "
                              "(or the callback with keep_quantized=True), or build it from QuantConv*/QuantLinear")
-        x = example_input.detach().cpu()
+        x = example_input.detach().cpu().clone()
         dynamic = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp, torch.no_grad(), _quiet():
@@ -527,7 +534,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         _PARAMS.clear()
     report = ExportReport(str(path), OPSET, rows)
     if verify:
-        _verify(report, model, example_input.to(device))
+        _verify(report, model, example_input.detach().clone().to(device))
     return report
 
 

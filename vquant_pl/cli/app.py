@@ -43,6 +43,7 @@ EXTRA_COMMANDS = {
     "selftest": "Check every SQuant backend present on the golden cases and time them.",
     "build-kernels": "Build the native SQuant kernels ahead of first use.",
     "analyze": "Per-layer sensitivity of a model to quantization (table, CSV, JSON, PNG).",
+    "export": "Quantize a config's model and write it as ONNX QDQ: vquant export --config ... --out model.onnx.",
 }
 TOOLS = {"selftest": "vquant_pl.cli.selftest", "build-kernels": "vquant_pl.ops.kernels", "analyze": "vquant_pl.cli.analyze"}
 #: Trainer arguments that only matter for training (`fit`), which `vquant` does not offer.
@@ -290,6 +291,40 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def export_main(argv: list[str]) -> int:
+    """`vquant export --config NAME --out model.onnx [--model.* / --quant.* overrides]`: the
+    config's model, quantized by its `quant` settings (data-free), written by
+    `vquant_pl.export_onnx` and checked in onnxruntime on one random batch; never over a file."""
+    import torch
+
+    from ..export import export_onnx, require_onnx
+    from ..quantize import quantize_model
+
+    if "--out" not in argv or argv.index("--out") + 1 >= len(argv):
+        print("vquant export: error: --out model.onnx is required", file=sys.stderr)
+        return 2
+    i = argv.index("--out")
+    out, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    require_onnx()
+    if out.exists():
+        print(f"vquant export: error: {out} exists; choose another --out", file=sys.stderr)
+        return 2
+    cli = make_cli(rest, run=False, save_config=False)
+    callback = next((c for c in cli.trainer.callbacks if hasattr(c, "config") and hasattr(c, "export")), None)
+    if callback is None or callback.config is None:
+        print("vquant export: error: the config quantizes nothing (quant.weight_bits is null)", file=sys.stderr)
+        return 2
+    model = cli.model.model.eval()
+    prep = cli.model.preprocessing
+    size = tuple(prep.input_size) if prep is not None else (224, 224)
+    quantize_model(model, probe=callback.probe, config=callback.config)
+    report = export_onnx(model, out, torch.rand(2, 3, *size))
+    print(report.table())
+    print(f"wrote {out}: onnxruntime vs PyTorch on a random batch, largest output difference "
+          f"{report.max_abs_diff:.3g}; integer kernels: {len(report.integer_layers)} of {len(report.layers)} layers")
+    return 0
+
+
 def _main(argv: list[str]) -> int:
     if argv and argv[0] == "sweep":
         from .sweep import main as sweep_main
@@ -298,6 +333,8 @@ def _main(argv: list[str]) -> int:
         return 1 if any(r.get("status", "ok") != "ok" for r in rows) else 0
     if argv and argv[0] in TOOLS:
         return _tool(argv[0], argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     try:
         make_cli(argv)
     except FileNotFoundError as err:
