@@ -144,3 +144,23 @@ def test_missing_weight_package_names_the_extra(monkeypatch):
     assert vq.create_model("efficientnet_lite:lite1", pretrained=False)[1].input_size == (240, 240)
     with pytest.raises(models.WeightsUnavailable, match="no ImageNet weights package exists for efficientnet_lite:lite3"):
         vq.create_model("efficientnet_lite:lite3")
+
+
+def test_a_planted_torchvision_cache_file_runs_no_code(tmp_path, monkeypatch):
+    import os
+
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"fc.weight": _Payload(marker)}, cached)  # torchvision's loader would unpickle it in full
+    with pytest.raises(models.UnsafeFile, match=r"cached weights .*resnet18-.*\.pth hold objects other than tensors"):
+        vq.create_model("torchvision:resnet18")
+    assert not marker.exists()
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), cached)  # a plain state_dict still loads
+    model, _ = vq.create_model("torchvision:resnet18")
+    assert torch.equal(model.fc.weight, source.fc.weight)

@@ -199,6 +199,8 @@ def _fetch(spec: str, cached: Path | None, url: str, load):
             "pretrained=False / a checkpoint")
     try:
         return load()
+    except UnsafeFile:
+        raise
     except Exception as err:
         raise WeightsUnavailable(f"could not load pretrained weights for {spec}: {err}") from err
 
@@ -254,8 +256,20 @@ def _torchvision(name: str, pretrained: bool):
     if not pretrained:
         return models.get_model(name, weights=None), prep
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    model = _fetch(f"torchvision:{name}", cached, weights.url, lambda: models.get_model(name, weights=weights))
-    return model, prep
+
+    def get_state_dict(self, *args, **kwargs):  # torchvision's own unpickles the cached file in full
+        try:
+            return torch.hub.load_state_dict_from_url(self.url, *args, **(kwargs | {"weights_only": True}))
+        except pickle.UnpicklingError as err:
+            raise UnsafeFile(f"cached weights {cached} hold objects other than tensors, which only a full "
+                             "unpickling (it runs code from the file) could load; delete the file to download "
+                             f"it again (first error: {str(err).splitlines()[0]})") from err
+
+    def load():
+        with _patched(type(weights), "get_state_dict", get_state_dict):
+            return models.get_model(name, weights=weights)
+
+    return _fetch(f"torchvision:{name}", cached, weights.url, load), prep
 
 
 def _torchvision_preprocessing(transform) -> Preprocessing:
