@@ -164,3 +164,11 @@ def test_a_planted_torchvision_cache_file_runs_no_code(tmp_path, monkeypatch):
     torch.save(source.state_dict(), cached)  # a plain state_dict still loads
     model, _ = vq.create_model("torchvision:resnet18")
     assert torch.equal(model.fc.weight, source.fc.weight)
+
+
+def test_preprocessing_refuses_settings_it_would_ignore_or_fail_on_later():
+    with pytest.raises(ValueError, match="interpolation must be one of bilinear, bicubic"):
+        Preprocessing(interpolation="cubic")
+    with pytest.raises(ValueError, match=r"resize=256 .* cannot be combined with crop_mode='squash'"):
+        Preprocessing(resize=256, crop_mode="squash")  # the resize path has no squash: it was dropped
+    assert Preprocessing(resize=256).transform().transforms[0].size == 256

@@ -23,7 +23,7 @@ import socket
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlparse
 
 import torch
@@ -71,6 +71,12 @@ class Preprocessing:
             raise ValueError(f"crop_mode must be 'center', 'squash' or 'border', got {self.crop_mode!r}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in get_args(Interpolation):
+            raise ValueError(f"interpolation must be one of {', '.join(get_args(Interpolation))}, "
+                             f"got {self.interpolation!r}")
+        if self.resize is not None and self.crop_mode != "center":
+            raise ValueError(f"resize={self.resize} resizes the short side for a center crop; it cannot be "
+                             f"combined with crop_mode={self.crop_mode!r} (pass crop_pct instead, or crop_mode='center')")
 
     @property
     def resize_to(self) -> int:
