@@ -13,6 +13,7 @@ from vquant_pl import _lightning as pl  # either Lightning namespace (lightning.
 from vquant_pl._lightning import rank_zero_info, rank_zero_warn
 
 from vquant_pl.config import (AciqStats, ActRange, Backend, BiasCorrectionRule, BitAllocationRule, BnBiasCorrection,
+                              MixedPrecision,
                               QuantConfig, Rounding)
 from vquant_pl.probe import Probe
 from vquant_pl.quantize import (activation_ranges, is_quantized, quantization_report, quantize_model, restore_model,
@@ -80,6 +81,7 @@ class VQuantCallback(pl.Callback):
                  probe_seed: int = 0, probe_shape: Optional[Sequence[int]] = None, backend: Optional[Backend] = None,
                  act_per_channel: bool = False, bit_allocation_rule: BitAllocationRule = "aciq",
                  bias_correction_rule: BiasCorrectionRule = "mean", aciq_cap: bool = False,
+                 mixed_precision: Optional[MixedPrecision] = None, mixed_min_bits: int = 3,
                  probe: Union[Tensor, Probe, None] = None, target: Optional[str] = None,
                  stages: Union[Stage, Sequence[Stage]] = ("test",), keep_quantized: bool = False,
                  export: Optional[str] = None, verbose: bool = True):

@@ -21,6 +21,7 @@ AciqStats = Literal["probe", "bn"]
 Backend = Literal["torch", "cpp", "cuda"]
 BitAllocationRule = Literal["aciq", "exact"]
 BiasCorrectionRule = Literal["mean", "mean-std", "paper"]
+MixedPrecision = Literal["weights", "all"]
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -94,6 +95,13 @@ class QuantConfig:
             ``mean-std`` (``-vcw -bcw``) or ``paper`` (``xi (Wq + mu)``).
         aciq_cap: keep ACIQ ranges inside the tensor's observed (probe) or known (BatchNorm:
             a ReLU6's 6) ``[min, max]`` (the original's ``clip2max``, off in its runs).
+        mixed_precision: a separate, labelled recipe, not the uniform rules: per-layer bits on
+            the uniform budget, chosen from the BatchNorm-derived output noise-to-signal ratio of
+            each layer (``methods.bit_budget``): ``weights`` (weight bits averaging at most
+            ``weight_bits`` by parameter count; inputs uniform), ``all`` (also input bits
+            averaging at most ``act_bits`` by elements per image; needs BatchNorm ranges), or
+            None (uniform bits; the default).
+        mixed_min_bits: the fewest bits one layer gets under ``mixed_precision`` (2..8).
 
     Raises:
         ValueError: naming the first setting that is out of range or inconsistent.
@@ -127,6 +135,8 @@ class QuantConfig:
     bit_allocation_rule: BitAllocationRule = "aciq"
     bias_correction_rule: BiasCorrectionRule = "mean"
     aciq_cap: bool = False
+    mixed_precision: Optional[MixedPrecision] = None
+    mixed_min_bits: int = 3
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -165,6 +175,13 @@ class QuantConfig:
                 raise ValueError(f"probe_shape must be a batch shape [N, ...] of positive integers, "
                                  f"got {self.probe_shape!r}")
             object.__setattr__(self, "probe_shape", shape)
+        if self.mixed_precision is not None:
+            _choice(self.mixed_precision, "mixed_precision", MixedPrecision)
+            check_bits(self.mixed_min_bits, "mixed_min_bits")
+            if self.mixed_precision == "all" and (not self.quantizes_activations or not self.ranges_from_bn):
+                raise ValueError("mixed_precision='all' allocates input bits from BatchNorm statistics: it needs "
+                                 "quantized activations and act_range='bn', or ACIQ with aciq_stats='bn' "
+                                 f"(got act_bits={self.act_bits!r}, act_range={self.act_range!r})")
         if self.act_bit_allocation and (self.act_bits is None or not self.ranges_from_bn):
             raise ValueError("act_bit_allocation takes per-channel statistics from BatchNorm: it needs quantized "
                              "activations and act_range='bn', or 'aciq-laplace'/'aciq-gauss' with aciq_stats='bn' "

@@ -49,6 +49,7 @@ class _Plan:
     method: RangeMethod
     layers: list[tuple[str, nn.Module]]
     act_bits: list[Optional[int]]  # per layer; None: the input stays float
+    weight_bits: list[int] | None = None  # per layer under mixed_precision (else config.weight_bits)
     fixed: dict[str, "Quantizer | str"] = field(default_factory=dict)  # BN ranges, or why none
     float_weights: dict[str, Tensor] = field(default_factory=dict)  # just before rounding (for bias correction)
     written: dict[str, Tensor] = field(default_factory=dict)  # the tensor each layer's weight codes went into
@@ -166,6 +167,23 @@ def _union_of_calls(stats: list, bits: int, config: QuantConfig, method: RangeMe
     return ActivationQuantizer(bits, min(r[0] for r in ranges), max(r[1] for r in ranges), any(r[2] for r in ranges))
 
 
+def _allocate_bits(model: nn.Module, plan: _Plan) -> None:
+    """`mixed_precision`: per-layer weight (and input) bits on the uniform budget (`methods.bit_budget`)."""
+    from .methods.bit_budget import allocate
+    from .methods.bn_graph import bn_stats
+    from .probe import default_probe_shape
+
+    config, method, first = plan.config, plan.method, plan.layers[0][1]
+    stats = bn_stats(model, [name for name, _ in plan.layers])
+    shape = (1, *(config.probe_shape or default_probe_shape(model, first))[1:])
+    example = torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype)  # shapes only
+    alloc = allocate(model, plan.layers, stats, config.weight_bits, plan.act_bits,
+                     config.act_bits if config.mixed_precision == "all" else None,
+                     lambda s, b, layer: method.range_from_bn(s, b, config, layer), example, config.mixed_min_bits,
+                     config.rounding, plan.backend)
+    plan.weight_bits, plan.act_bits = alloc.weight_bits, alloc.act_bits
+
+
 def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, calibration) -> _Plan:
     layers = _check_model(model)
     quantized = _looks_quantized(layers)
@@ -176,6 +194,8 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
     device = layers[0][1].weight.device
     backend, _ = backends.resolve(config.backend, device)
     plan = _Plan(config, METHODS[config.act_range], layers, _layer_act_bits(config, len(layers)), backend=backend)
+    if config.mixed_precision is not None:
+        _allocate_bits(model, plan)
     if not config.quantizes_activations:
         return plan
     if plan.method.calibrated:
@@ -260,11 +280,12 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
     rows: list[LayerReport] = []
     owner: dict[tuple, str] = {}  # storage view of the weight -> the layer that quantized it
     start = time.perf_counter()
-    for name, layer in _progress(plan.layers, "vquant: quantizing weights", progress):
+    for i, (name, layer) in enumerate(_progress(plan.layers, "vquant: quantizing weights", progress)):
         t0 = time.perf_counter()
         source = _weight_source(name, layer)
         weight = getattr(layer, source)
-        row = LayerReport(name, type(layer).__name__, tuple(layer.weight.shape), config.weight_bits, None, None,
+        bits = config.weight_bits if plan.weight_bits is None else plan.weight_bits[i]
+        row = LayerReport(name, type(layer).__name__, tuple(layer.weight.shape), bits, None, None,
                           None, None, 0.0, 0.0)
         rows.append(row)
         key = storage_key(weight)
@@ -282,7 +303,7 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
         before = layer.weight.detach().clone()  # what the forward uses, after any transform of _prepare
         if config.bn_bias_correction is not None:
             plan.float_weights[name] = before
-        q, channel_bits = quantize_layer_weight(before, config.weight_bits, config.rounding, config.backend,
+        q, channel_bits = quantize_layer_weight(before, bits, config.rounding, config.backend,
                                                 config.bias_correction, config.bit_allocation,
                                                 config.bit_allocation_rule, config.bias_correction_rule)
         weight.copy_(q)

@@ -110,3 +110,37 @@ def test_recipe_bit_widths_are_used_and_flags_override_them(tmp_path):
     assert main([*common, "--act-bits", "6", "--out", str(tmp_path / "f")]) == 0
     setting = json.loads((tmp_path / "f.json").read_text())["setting"]
     assert (setting["weight_bits"], setting["act_bits"]) == (2, 6)
+
+
+def test_error_kinds_rows_match_independent_runs():
+    from torch.nn import functional as F
+
+    from vquant_pl.cli.analyze import _clip_only, _round_only, error_kinds, kinds_table
+    from vquant_pl.ops.affine import ActivationQuantizer
+
+    q = ActivationQuantizer(4, 0.0, 3.0, signed=False)
+    x = torch.linspace(-1.0, 4.0, 101)
+    inside = (x >= 0) & (x <= 3)
+    assert torch.equal(_round_only(q)(x)[inside], q(x)[inside])  # the grid without the clamp
+    assert float(_round_only(q)(torch.tensor([4.0]))) == 4.0
+    assert torch.equal(_clip_only(q)(x), x.clamp(0.0, 3.0))
+
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    images = torch.randn(16, 3, 6, 6)
+    settings = dict(weight_bits=2, act_bits=4, act_range="bn")
+    rows = error_kinds(net, images, None, 8, **settings)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the model is untouched
+    what = [r.what for r in rows]
+    assert what[:5] == ["full setting", "weights only (bias-corrected)", "inputs only", "inputs only, clipping only",
+                        "inputs only, rounding only"]
+    assert "conv inputs only" in what and "fc inputs only" in what
+    assert "conv inputs only, per-channel BN ranges (1 of 1 layers)" in what
+    assert rows[0].kl == pytest.approx(analyze(net, images, None, 8, **settings).full_kl, rel=1e-6)
+    with torch.no_grad():
+        ref = F.log_softmax(torch.cat([net(images[:8]), net(images[8:])]), 1)
+        vq.quantize_model(net, weight_bits=2, act_bits=None, act_range="bn")
+        logp = F.log_softmax(torch.cat([net(images[:8]), net(images[8:])]), 1)
+    vq.restore_model(net)
+    assert rows[1].kl > 0 and rows[1].kl == pytest.approx(float((ref.exp() * (ref - logp)).sum(1).mean()), rel=1e-4)
+    assert "| full setting |" in kinds_table(rows, 16)

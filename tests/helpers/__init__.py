@@ -16,4 +16,5 @@ NON_DEFAULT = dict(weight_bits=6, act_bits=6, rounding="squant-k", act_range="ac
                    aciq_stats="bn", bias_correction=True, bit_allocation=True, act_bit_allocation=True,
                    bn_bias_correction="all", equalize=True, equalize_alpha=0.3, equalize_k=3.0, weight_clip=True,
                    percentile=99.0, calib_batches=3, probe_seed=7, probe_shape=(2, 3, 8, 8), backend="torch",
-                   act_per_channel=True, bit_allocation_rule="exact", bias_correction_rule="mean-std", aciq_cap=True)
+                   act_per_channel=True, bit_allocation_rule="exact", bias_correction_rule="mean-std", aciq_cap=True,
+                   mixed_precision="all", mixed_min_bits=2)

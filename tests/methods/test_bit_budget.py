@@ -1,0 +1,103 @@
+"""Mixed precision on a fixed budget (vquant_pl.methods.bit_budget, QuantConfig.mixed_precision)."""
+import pytest
+import torch
+from torch import nn
+
+import vquant_pl as vq
+from vquant_pl.config import QuantConfig
+from vquant_pl.layers import quantizable_layers
+from vquant_pl.methods.bit_budget import allocate, greedy_bits, input_nsr, weight_nsr
+from vquant_pl.methods.bn_graph import ChannelStats, bn_stats, stats_range
+
+
+def _net() -> nn.Module:
+    """A small BN network: a wide 1x1 conv (many parameters), a depthwise conv, a classifier."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+                        nn.Conv2d(16, 64, 1), nn.BatchNorm2d(64), nn.ReLU6(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(0.0, 1.0)
+    return net.eval()
+
+
+def test_greedy_bits_known_answer_and_budget():
+    # layer 1's NSR is 16x layer 0's at every width: it gets the bits
+    nsr = torch.tensor([[4.0, 1.0, 0.25], [64.0, 16.0, 4.0]], dtype=torch.float64)
+    assert greedy_bits(nsr, [1, 1], 3, 2, (2, 3, 4)) == [2, 4]
+    # the budget is met exactly when it can be, never exceeded
+    costs = [10, 3, 7]
+    nsr = torch.tensor([[2.0 ** (-2 * b) * s for b in range(2, 9)] for s in (1.0, 100.0, 10.0)], dtype=torch.float64)
+    bits = greedy_bits(nsr, costs, 4, 2)
+    assert sum(c * b for c, b in zip(costs, bits)) <= 4 * sum(costs)
+    assert bits[1] == max(bits) and bits[0] == min(bits)
+    with pytest.raises(ValueError, match="min_bits 5"):
+        greedy_bits(nsr, costs, 4, 5)
+
+
+def test_nsr_falls_with_bits():
+    net = _net()
+    layer = net[6]
+    s = bn_stats(net, ["6"])["6"]
+    w = weight_nsr(layer, s)
+    a = input_nsr(layer, s, lambda b: stats_range(s, 3.0))
+    assert w.shape == a.shape == (7,)
+    assert bool((w[1:] < w[:-1]).all()) and bool((a[1:] < a[:-1]).all())
+    # about 4x less weight noise per bit (uniform rounding noise of step 2^-b)
+    assert 2.5 < float(w[2] / w[3]) < 6.5
+
+
+def test_allocate_keeps_the_average_and_the_rules():
+    net = _net()
+    layers = quantizable_layers(net)
+    stats = bn_stats(net, [n for n, _ in layers])
+    alloc = allocate(net, layers, stats, 4, [None, 4, 4, 8], 4, lambda s, b, layer: stats_range(s, 3.0),
+                     torch.zeros(1, 3, 8, 8), min_bits=2)
+    assert alloc.params == [432, 144, 1024, 640]
+    assert alloc.elements == [3 * 64, 16 * 64, 16 * 64, 64]
+    assert sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) <= 4 * sum(alloc.params)
+    assert alloc.weight_average == pytest.approx(
+        sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) / sum(alloc.params))
+    assert alloc.weight_average > 3.9  # the budget is spent
+    assert alloc.weight_bits != [4, 4, 4, 4]  # the small depthwise layer is cheap to raise
+    assert alloc.act_bits[0] is None and alloc.act_bits[3] == 8  # rule 4 layers keep their bits
+    assert 16 * 64 * (alloc.act_bits[1] + alloc.act_bits[2]) <= 4 * 2 * 16 * 64
+
+
+def test_quantize_model_mixed_weights_uses_the_allocated_bits_and_restores():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="weights", mixed_min_bits=2))
+    bits = [r.weight_bits for r in rep.layers]
+    params = [layer.weight.numel() for _, layer in quantizable_layers(net)]
+    assert sum(p * b for p, b in zip(params, bits)) <= 4 * sum(params)
+    assert len(set(bits)) > 1
+    for (_, layer), b in zip(quantizable_layers(net), bits):
+        distinct = max(len(row.unique()) for row in layer.weight.detach().reshape(layer.weight.shape[0], -1))
+        assert distinct <= 2 ** b
+    assert [r.act_bits for r in rep.layers] == [None, 4, 4, 8]  # inputs uniform under "weights"
+    vq.restore_model(net)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_quantize_model_mixed_all_moves_input_bits():
+    net = _net()
+    rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="all", mixed_min_bits=2))
+    acts = [r.act_bits for r in rep.layers]
+    assert acts[0] is None and acts[3] == 8
+    assert acts[1] + acts[2] <= 8  # equal element counts: the two free inputs average at most 4
+    vq.restore_model(net)
+
+
+def test_config_checks():
+    assert QuantConfig().mixed_precision is None  # the default stays uniform
+    with pytest.raises(ValueError, match="mixed_precision"):
+        QuantConfig(mixed_precision="layers")
+    with pytest.raises(ValueError, match="mixed_precision='all'.*act_range='sigma'"):
+        QuantConfig(mixed_precision="all", act_range="sigma")
+    with pytest.raises(ValueError, match="mixed_min_bits"):
+        QuantConfig(mixed_precision="weights", mixed_min_bits=1)
