@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from ..layers import input_channel_dim
 
-__all__ = ["ErrorKind", "LayerSensitivity", "SensitivityReport", "analyze", "error_kinds", "kinds_table",
+__all__ = ["ErrorKind", "LayerSensitivity", "SensitivityReport", "analyze", "error_kinds", "kinds_table", "plot_kinds",
            "layer_kind", "main"]
 
 
@@ -187,8 +187,12 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor | None = None, batc
         ValueError: on an empty image batch or mismatched labels.
 
     Example:
-        >>> rep = analyze(model, images[:32], labels[:32], weight_bits=4, act_bits=4, act_range="bn")
-        >>> print(rep.table(top=10))
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+        >>> rep = analyze(net, torch.rand(16, 3, 16, 16), weight_bits=4, act_bits=4, probe_shape=(4, 3, 16, 16))
+        >>> sorted(r.name for r in rep.sorted())  # print(rep.table(top=10)) shows the worst layers first
+        ['0', '3']
     """
     from .. import quantize as qz
     from ..config import QuantConfig
@@ -324,8 +328,12 @@ def error_kinds(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
         ValueError: on an empty image batch or mismatched labels.
 
     Example:
-        >>> for row in error_kinds(model, images[:32], labels[:32], weight_bits=4, act_bits=4):
-        ...     print(row.what, row.kl)
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+        >>> rows = error_kinds(net, torch.rand(16, 3, 16, 16), weight_bits=4, act_bits=4, probe_shape=(4, 3, 16, 16))
+        >>> rows[0].what, rows[1].what  # then each kind of error alone; row.kl is its KL to float
+        ('full setting', 'weights only (bias-corrected)')
     """
     from .. import quantize as qz
     from ..config import QuantConfig
@@ -398,6 +406,24 @@ def error_kinds(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
     return rows
 
 
+def plot_kinds(rows: list[ErrorKind], path: str | Path, title: str = "") -> None:
+    """A horizontal bar figure of `error_kinds` (KL to float per row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), [r.kl for r in rows], color=["C1" if "per-channel" in r.what else "C0" for r in rows])
+    ax.set_yticks(range(len(rows)), [r.what for r in rows], fontsize=7)
+    ax.set_xlabel("KL(float || quantized), mean over images")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def kinds_table(rows: list[ErrorKind], num_images: int) -> str:
     """`error_kinds` as a Markdown table."""
     head = f"| error kind ({num_images} images) | KL | agreement | top-1 |\n| --- | ---: | ---: | ---: |"
@@ -447,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     quant.update({k: v for k, v in (("weight_bits", args.weight_bits), ("act_bits", args.act_bits),
                                     ("act_range", args.act_range), ("rounding", args.rounding)) if v is not None})
     if args.kinds:
-        print(kinds_table(error_kinds(model.eval(), images, labels, args.batch_size, **quant), len(images)))
+        rows = error_kinds(model.eval(), images, labels, args.batch_size, **quant)
+        print(kinds_table(rows, len(images)))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            plot_kinds(rows, Path(args.out).with_suffix(".png"), f"{args.model}: error by kind ({len(images)} images)")
+            print(f"wrote {Path(args.out).with_suffix('.png')}")
         return 0
     report = analyze(model.eval(), images, labels, args.batch_size, **quant)
     print(report.table(args.top))

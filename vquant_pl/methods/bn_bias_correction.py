@@ -72,9 +72,16 @@ def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers:
         `{layer name: the correction subtracted from its output}` for every corrected layer.
 
     Example:
-        >>> floats = {n: l.weight.clone() for n, l in vq.quantizable_layers(model)}
-        >>> vq.quantize_model(model, 4, 4, act_range="bn")
-        >>> correct_bias(model, floats, {n: input_quantizer(l) for n, l in vq.quantizable_layers(model)})
+        >>> import torch, vquant_pl as vq
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                             torch.nn.Conv2d(8, 4, 1)).eval()
+        >>> from vquant_pl.state import input_quantizer, originals
+        >>> _ = vq.quantize_model(model, 4, 4, act_range="bn", bn_bias_correction=None)
+        >>> floats = {n: originals(l)["weight"] for n, l in vq.quantizable_layers(model)}
+        >>> hooks = {n: input_quantizer(l) for n, l in vq.quantizable_layers(model)}
+        >>> sorted(correct_bias(model, floats, {n: h.quantizer for n, h in hooks.items() if h is not None}))
+        ['3']
+        >>> vq.restore_model(model)
     """
 
     save = save or save_original

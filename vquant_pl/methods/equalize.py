@@ -180,8 +180,12 @@ def equalize(model: nn.Module, alpha: float = 0.5, k: float = 4.0, max_scale: fl
         ValueError: on alpha outside [0, 1] or non-positive k / max_scale.
 
     Example:
-        >>> groups = equalize(model, alpha=0.5)
-        >>> vq.quantize_model(model, 4, 4, act_range="bn")
+        >>> import torch, vquant_pl as vq
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                             torch.nn.Conv2d(8, 4, 1)).eval()
+        >>> [(g.producers, g.consumers) for g in equalize(model, alpha=0.5)]
+        [(['1'], ['3'])]
+        >>> vq.restore_model(model)  # the scales were saved: the float model is back
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")

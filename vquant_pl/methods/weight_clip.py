@@ -40,6 +40,7 @@ def clip_ratios(weight: Tensor, bits: int, moments: Tensor | None = None, grid: 
     Example:
         >>> w = torch.tensor([[0.1, -0.1, 0.12, 5.0]])
         >>> clip_ratios(w, 2)  # the outlier is kept only if clipping it costs more
+        tensor([1.])
     """
     w = weight.detach().float().reshape(weight.shape[0], weight.shape[1] if weight.dim() > 1 else 1, -1)
     weights = None if moments is None else moments.float().view(1, -1, 1).expand_as(w)
@@ -98,8 +99,11 @@ def clip_weights(model: nn.Module, bits: int, grid: int = 16, min_ratio: float =
         ValueError: on min_ratio outside (0, 1] or grid < 1.
 
     Example:
-        >>> ratios = clip_weights(model, 4)
-        >>> vq.quantize_model(model, 4, 4, act_range="bn")
+        >>> import torch, vquant_pl as vq
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                             torch.nn.Conv2d(8, 4, 1)).eval()
+        >>> sorted(clip_weights(model, 4))  # a ratio per output channel of every layer
+        ['0', '3']
     """
     if not 0 < min_ratio <= 1 or grid < 1:
         raise ValueError(f"min_ratio must lie in (0, 1] and grid be >= 1, got {min_ratio!r}, {grid!r}")

@@ -49,7 +49,7 @@ class ActivationQuantizer:
     Example:
         >>> q = ActivationQuantizer(4, 0.0, 6.0, signed=False)
         >>> q(torch.tensor([0.1, 2.0, 7.0]))
-        tensor([0.0000, 2.0000, 6.0000])
+        tensor([0., 2., 6.])
     """
 
     def __init__(self, bits: int, lo: float | Tensor, hi: float | Tensor, signed: bool):
