@@ -277,11 +277,9 @@ class VQuantCallback(pl.Callback):
                 add_text("vquant/report", "```\n" + report.table() + "\n```", trainer.global_step)
             add_figure = getattr(experiment, "add_figure", None)
             if callable(add_figure):
-                try:
-                    from vquant_pl.plots import layer_figure
-                except ImportError:
-                    layer_figure = None
-                if layer_figure is not None:
+                from vquant_pl.plots import available, layer_figure
+
+                if available("the per-layer figure for the logger"):
                     add_figure("vquant/layers", layer_figure(report), trainer.global_step)
         if self.verbose:
             rank_zero_info(report.table() + f"\nquantized in {seconds:.2f} s")

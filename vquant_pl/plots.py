@@ -5,12 +5,29 @@ display needed); `save(fig, path)` writes it.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+#: How to install what the figures need (matplotlib is an extra: a user with their own
+#: model and no plots does not need it).
+EXTRA = 'pip install "vquant-pl[plots]"'
+
+
+def available(what: str = "") -> bool:
+    """Whether matplotlib is installed; if not and `what` is given, warn that `what` is skipped."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    if what:
+        warnings.warn(f"vquant: {what} skipped: matplotlib is not installed ({EXTRA})", stacklevel=2)
+    return False
+
 
 def _figure(width: float, height: float):
+    if not available():
+        raise ModuleNotFoundError(f"vquant's figures need matplotlib, which is not installed: {EXTRA}")
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height))

@@ -144,7 +144,7 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     """One config's run; its resolved config, `vquant_report.json` and `layers.png` go to `run_dir`.
     Scored by the labels, or, on unlabeled data or with `against_float`, against the float model."""
     from .app import make_cli
-    from ..plots import layer_figure, save
+    from ..plots import available, layer_figure, save
 
     config = Path(config)
     if run_dir is not None:  # the user's --trainer.default_root_dir, after it, wins
@@ -181,7 +181,8 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     report = cb.report if cb is not None and wb is not None else None
     if report is not None and writes:
         (run_dir / "vquant_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-        save(layer_figure(report), run_dir / "layers.png")
+        if available("layers.png"):
+            save(layer_figure(report), run_dir / "layers.png")
     paper = paper_top1(spec, wb, settings["act_bits"] if settings else None, settings["rounding"] if wb else "-")
     ab = settings["act_bits"] if settings else None
     return row | {
@@ -216,7 +217,7 @@ def markdown(rows: list[dict]) -> str:
 
 def write_results(rows: list[dict], out: Path) -> list[Path]:
     """(Re)write `results.md`, `results.csv` and, when a run succeeded, `accuracy.png`."""
-    from ..plots import save, sweep_figure
+    from ..plots import available, save, sweep_figure
 
     (out / "results.md").write_text(markdown(rows) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -224,7 +225,7 @@ def write_results(rows: list[dict], out: Path) -> list[Path]:
         writer.writeheader()
         writer.writerows(rows)
     written = [out / "results.md", out / "results.csv"]
-    if any(r.get("status") == "ok" for r in rows):
+    if any(r.get("status") == "ok" for r in rows) and available("accuracy.png"):
         written.append(save(sweep_figure(rows), out / "accuracy.png"))
     return written
 
