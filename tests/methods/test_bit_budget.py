@@ -101,3 +101,15 @@ def test_config_checks():
         QuantConfig(mixed_precision="all", act_range="sigma")
     with pytest.raises(ValueError, match="mixed_min_bits"):
         QuantConfig(mixed_precision="weights", mixed_min_bits=1)
+
+
+def test_mixed_at_eight_bits_is_uniform_eight():
+    # the budget at the top candidate width leaves no choice: exactly the uniform run
+    net = _net()
+    rep = vq.quantize_model(net, config=QuantConfig(weight_bits=8, act_bits=8, mixed_precision="weights"))
+    assert [r.weight_bits for r in rep.layers] == [8, 8, 8, 8]
+    mixed = {k: v.clone() for k, v in net.state_dict().items()}
+    vq.restore_model(net)
+    vq.quantize_model(net, config=QuantConfig(weight_bits=8, act_bits=8))
+    assert all(torch.equal(v, mixed[k]) for k, v in net.state_dict().items())
+    vq.restore_model(net)
