@@ -179,8 +179,15 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
         An `Allocation`.
 
     Example:
-        >>> alloc = allocate(model, layers, bn_stats(model, names, QUANTIZABLE), 4, [None, 4, 4, 8], 4,
-        ...                  lambda s, b, l: stats_range(s, 3.0), torch.zeros(1, 3, 224, 224))
+        >>> from vquant_pl.layers import quantizable_layers
+        >>> from vquant_pl.methods.bn_graph import bn_stats, stats_range
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 64, 1),
+        ...                     nn.BatchNorm2d(64), nn.ReLU6(), nn.Flatten(), nn.Linear(64 * 36, 10)).eval()
+        >>> layers = quantizable_layers(net)
+        >>> alloc = allocate(net, layers, bn_stats(net, [n for n, _ in layers]), 4, [None, 4, 8], None,
+        ...                  lambda s, b, layer: stats_range(s, 3.0), torch.zeros(1, 3, 8, 8))
+        >>> alloc.weight_average <= 4, alloc.act_bits
+        (True, [None, 4, 8])
     """
     params = [int(layer.weight.numel()) for _, layer in layers]
     elements = _input_elements(model, layers, example)
