@@ -206,3 +206,45 @@ def test_weights_saved_while_quantized_are_reported_when_quantized_again():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vq.quantize_model(nn.Sequential(nn.Linear(600, 4)), 4, None)  # float weights: no warning
+
+
+def test_a_run_failing_after_the_weights_puts_back_a_tensor_the_user_saved_before_it():
+    """`save_original` before `quantize_model` (a transform of the user's own), then a run that
+    fails in the probe pass, after the weights were written: the weight is as the user left it."""
+    class Boom(nn.Module):
+        def forward(self, x):
+            if x.shape[0] > 1:  # the one-sample shape check passes, the probe pass fails
+                raise RuntimeError("boom")
+            return x
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), Boom(), nn.Conv2d(8, 4, 3))
+    vq.save_original(net[0], "weight")
+    with torch.no_grad():
+        net[0].weight.mul_(0.5)
+    halved, other = net[0].weight.detach().clone(), net[3].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        vq.quantize_model(net, 4, 4, "squant", "sigma", probe=torch.rand(4, 3, 8, 8))
+    assert torch.equal(net[0].weight, halved) and torch.equal(net[3].weight, other)
+    assert not vq.is_quantized(net)
+    vq.restore_model(net)  # the user's own original is still there
+    assert torch.equal(net[0].weight, halved * 2)
+
+
+def test_a_model_pickled_before_the_call_counting_attributes_loads_and_runs():
+    from vquant_pl.input_quantizer import InputQuantizer
+
+    net = Net()
+    vq.quantize_model(net, 4, 4, "squant", "sigma", probe=PROBE)
+    x = torch.rand(2, 3, 16, 16)
+    expected = net(x)
+    for m in net.modules():  # as an InputQuantizer pickled before `calls`/`counting` existed
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, InputQuantizer):
+                del hook.__dict__["calls"], hook.__dict__["counting"]
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    old = torch.load(buf, weights_only=False)
+    assert torch.equal(old(x), expected)
+    hooks = [h for m in old.modules() for h in m._forward_pre_hooks.values() if isinstance(h, InputQuantizer)]
+    assert hooks and all(h.calls == 0 and h.counting is False for h in hooks)  # not counting after the run

@@ -21,6 +21,10 @@ Quantizer = ActivationQuantizer | ChannelActivationQuantizer
 class InputQuantizer:
     """Fake-quantizes the first positional input of a layer with a fixed range."""
 
+    #: Class-level defaults: a model pickled before these attributes existed loads finished.
+    calls: int = 0
+    counting: bool = False
+
     def __init__(self, name: str, bits: int, channel_dim: int, quantizer: Quantizer | None = None):
         self.name, self.bits, self.channel_dim = name, bits, channel_dim
         self.quantizer = quantizer

@@ -66,6 +66,8 @@ def storage_key(tensor: Tensor) -> tuple:
 class _Run:
     saved: dict = field(default_factory=dict)  # storage key -> the tensor saved
     changed: list = field(default_factory=list)  # (module, name) saved by this run, in order
+    kept: dict = field(default_factory=dict)  # (id, name) -> (module, name, value at the run's start) of a
+    # tensor saved before the run (a user's own transform): `undo_run` puts that value back
 
 
 @contextlib.contextmanager
@@ -97,9 +99,12 @@ def save_original(module: nn.Module, name: str) -> bool:
     if tensor.is_meta:
         raise ValueError(f"{type(module).__name__}.{name} is on the meta device: it holds no values to save")
     originals = module.__dict__.setdefault(ORIGINALS, {})
-    if name in originals:
-        return False
     run = _RUN_SAVED.get()
+    if name in originals:
+        if run is not None and (module, name) not in run.changed and (id(module), name) not in run.kept:
+            run.kept[(id(module), name)] = (module, name, tensor.detach().clone())  # saved before this run
+            run.saved.setdefault(storage_key(tensor), tensor)
+        return False
     if run is not None:
         key = storage_key(tensor)
         if key in run.saved:
@@ -163,6 +168,8 @@ def undo_run(model: nn.Module) -> None:
         getattr(module, name).copy_(module.__dict__[ORIGINALS].pop(name))
         if not module.__dict__[ORIGINALS]:
             del module.__dict__[ORIGINALS]
+    for module, name, value in (run.kept.values() if run is not None else []):
+        getattr(module, name).copy_(value)  # as it was when the run began (the user's transform kept)
     for module in model.modules():
         module.__dict__.pop(LAYER, None)
         _remove_input_quantizers(module)
