@@ -122,6 +122,28 @@ def test_probe_clips_inputs_fed_by_a_relu_from_the_tensor_before_it(dist):
     vq.restore_model(model)
 
 
+@pytest.mark.parametrize("relu", [nn.ReLU, nn.ReLU6])
+def test_cap_on_the_probe_bounds_relu_fed_inputs_by_their_observed_max(relu):
+    """aciq_cap (the original's clip2max) on an input fed by a ReLU module: `hi = min(max(mean, 0)
+    + c+ b, max(x))`. It used to cap at the ReLU's *known* bound only, so after an nn.ReLU (bound
+    inf) the setting did nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), relu(), nn.Conv2d(8, 4, 3), nn.Conv2d(4, 2, 1))
+    probe = torch.rand(8, 3, 12, 12) * 4 - 2
+    free = vq.quantize_model(model, 8, 4, act_range="aciq-laplace", probe=probe, bn_bias_correction=None)
+    with torch.no_grad():
+        pre = model[0](probe)
+    vq.restore_model(model)
+    x = model[1](pre)
+    offset, delta = _original_range(x, 4, "laplace", half_range=True, pre=pre)
+    assert free.layers[1].act_hi == pytest.approx(offset + delta, rel=1e-5)
+    assert offset + delta > float(x.max()) > 0  # the formula runs past the largest input value
+    capped = vq.quantize_model(model, 8, 4, act_range="aciq-laplace", aciq_cap=True, probe=probe,
+                               bn_bias_correction=None)
+    assert capped.layers[1].act_lo == 0.0 and capped.layers[1].act_hi == pytest.approx(float(x.max()), rel=1e-6)
+    vq.restore_model(model)
+
+
 @pytest.mark.parametrize("dist", ["laplace", "gauss"])
 def test_bn_statistics_clip_the_exact_normal_mixture_one_sidedly(dist):
     model = ConvBnReluConv()

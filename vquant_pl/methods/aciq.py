@@ -133,7 +133,9 @@ def aciq_range(x: Tensor, bits: int, dist: str = "laplace", pre: Moments | None 
         dist: ``laplace`` or ``gauss``.
         pre: moments of the tensor before the ReLU that produced `x` (one-sided clip), or
             None: `x` is clipped around its own mean.
-        cap: keep the range inside `x`'s observed `[min, max]` (the original's clip2max).
+        cap: keep the range inside `x`'s observed `[min, max]` (the original's clip2max; for
+            an input fed by a ReLU, `hi <= max(x)`: the pre-activation's max after a ReLU, at
+            most 6 after a ReLU6).
 
     Raises:
         ValueError: an unknown distribution, or fewer than two values.
@@ -143,7 +145,9 @@ def aciq_range(x: Tensor, bits: int, dist: str = "laplace", pre: Moments | None 
         (-1.0, 9.06, True)
     """
     if pre is not None:
-        lo, hi = aciq_clip(pre, bits, dist, True, cap)
+        lo, hi = aciq_clip(pre, bits, dist, True)
+        if cap:  # the observed maximum of the ReLU's output (`pre` carries the ReLU's bounds, not it)
+            hi = min(hi, float(x.detach().float().max()))
         return float(lo), float(hi), False
     lo, hi = aciq_clip(moments(x), bits, dist, False, cap)
     return float(lo), float(hi), bool(lo < 0)
