@@ -25,8 +25,10 @@ METHODS = {"sigma": "  act_range: sigma\n", "bn": "  act_range: bn\n", "aciq-lap
            "bn+act-bit-alloc": "  act_range: bn\n  act_bit_allocation: true\n",
            # ACIQ as its authors' code computes it (docs/methods.md), per tensor, from BatchNorm statistics
            "aciq-laplace-bn": "  act_range: aciq-laplace\n  aciq_stats: bn\n",
-           # ours: the ACIQ clip capped at the tensor's observed range (the original's clip2max)
+           # the original's clip2max option (off in its runs): each range inside its input's observed one;
+           # after a ReLU6 at most 6 (docs/methods.md: the faithful clip runs past 6 on Lite0)
            "aciq-laplace+cap": "  act_range: aciq-laplace\n  aciq_cap: true\n",
+           "aciq-gauss+cap": "  act_range: aciq-gauss\n  aciq_cap: true\n",
            # the ACIQ repository's README recipe (-pcq_w -pcq_a -c laplace -baa -baw -bcw): per-channel
            # activation ranges, bits allocated to weights and activations (at 4 bits or fewer), mean correction
            "aciq-recipe-laplace-bn+act-per-channel+bit-alloc-wa+bias-corr-mean":
