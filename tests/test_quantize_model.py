@@ -429,3 +429,113 @@ def test_a_module_called_twice_under_bn_ranges_covers_every_producer():
     row = next(r for r in report.layers if r.name == "shared")
     assert row.calls == 2 and row.act_rule == "bn"
     assert row.act_lo == 0.0 and row.act_hi == pytest.approx(4.0 + 3 * 2.0)  # branch b's range, the wider one
+
+
+# -- review of issues 17/18: edges ------------------------------------------------------
+def test_a_bias_recomputed_on_access_is_not_reported_bias_corrected():
+    """A pruned or parametrized bias is recomputed from its factors before every forward: a
+    correction written into it would be lost while the report says "bias corrected"."""
+    from torch.nn.utils import parametrize, prune
+
+    class Same(nn.Module):
+        def forward(self, b):
+            return b * 1.0
+
+    for make in (lambda layer: prune.l1_unstructured(layer, "bias", amount=0.5),
+                 lambda layer: parametrize.register_parametrization(layer, "bias", Same())):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+        make(net[3])
+        report = vq.quantize_model(net, 4, 4)
+        assert "bias corrected (" not in report.layers[1].note
+        assert "bias recomputed on access" in report.layers[1].note
+        vq.restore_model(net)
+
+
+def test_a_first_layer_called_twice_is_named_in_the_report():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c(x) + self.c(x.flip(-1))).mean((2, 3)))
+
+    report = vq.quantize_model(Twice(), 4, 4, "squant", "sigma", probe=torch.rand(4, 3, 8, 8))
+    assert [r.calls for r in report.layers] == [2, 1] and report.multi_call_layers == ["c"]
+    report = vq.quantize_model(Twice(), 4, 4, "squant", "max", calibration=[torch.rand(2, 3, 8, 8)] * 3)
+    assert [r.calls for r in report.layers] == [2, 1]
+
+
+def test_calibrated_ranges_count_calls_per_forward_not_per_batch():
+    class Mid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.fc((self.c(y) + self.c(-y)).mean((2, 3)))
+
+    report = vq.quantize_model(Mid(), 4, 4, "squant", "max", calibration=[torch.rand(2, 3, 8, 8)] * 3)
+    assert [r.calls for r in report.layers] == [1, 2, 1] and report.multi_call_layers == ["c"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(probe_seed=5), dict(probe_shape=(2, 3, 8, 8)),
+                                    dict(config=vq.QuantConfig(probe_seed=5))])
+def test_a_probe_beside_probe_seed_or_shape_is_an_error_not_ignored(kwargs):
+    net = _two_layer_net()
+    with pytest.raises(ValueError, match=r"probe= .* probe_(seed|shape)"):
+        vq.quantize_model(net, 4, 4, "squant", "sigma", probe=torch.rand(2, 3, 8, 8), **kwargs)
+    assert not vq.is_quantized(net)
+
+
+def test_calibration_for_a_data_free_act_range_is_an_error_not_ignored():
+    net = _two_layer_net()
+    with pytest.raises(ValueError, match=r"calibration= .*'sigma'"):
+        vq.quantize_model(net, 4, 4, "squant", "sigma", calibration=[torch.rand(2, 3, 8, 8)])
+    with pytest.raises(ValueError, match=r"calibration= .*act_bits=None"):
+        vq.quantize_model(net, 4, None, "squant", "max", calibration=[torch.rand(2, 3, 8, 8)])
+    assert not vq.is_quantized(net)
+
+
+def test_disjoint_views_of_one_storage_are_each_quantized_and_restored():
+    """A fused buffer split into several layers' weights (views that do not overlap) is fine."""
+    big = torch.randn(48, 16)
+    layers = [nn.Linear(16, 16) for _ in range(3)]
+    for i, layer in enumerate(layers):
+        layer.weight = nn.Parameter(big[16 * i:16 * (i + 1)])
+    net, before = nn.Sequential(*layers), big.clone()
+    report = vq.quantize_model(net, 2, None)
+    assert report.num_layers == 3 and not any("shared" in r.note for r in report.layers)
+    for layer in layers:
+        assert _distinct_per_channel(layer.weight) <= 4
+    vq.restore_model(net)
+    assert torch.equal(big, before)
+
+
+def test_a_weight_shared_with_a_module_that_is_not_quantized_is_named():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 16), nn.Linear(16, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    report = vq.quantize_model(LM(), 4, None)
+    assert "weight shared with 'emb.weight'" in report.layers[0].note
+
+
+def test_a_pruned_weight_tied_to_another_layer_is_refused_naming_both():
+    from torch.nn.utils import prune
+
+    net = _two_layer_net()
+    other = nn.Conv2d(8, 16, 3)
+    other.weight = net[2].weight
+    net.extra = other  # holds the same Parameter
+    prune.l1_unstructured(net[2], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"layer '2' is pruned .*'extra'"):
+        vq.quantize_model(net, 4, None)
+    assert not vq.is_quantized(net)

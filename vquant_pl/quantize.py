@@ -54,6 +54,8 @@ class _Plan:
     float_weights: dict[str, Tensor] = field(default_factory=dict)  # just before rounding (for bias correction)
     written: dict[str, Tensor] = field(default_factory=dict)  # the tensor each layer's weight codes went into
     calls: dict[str, int] = field(default_factory=dict)  # calls per forward, where more than one
+    passes: int = 0  # forward passes of the ranging run (the probe: 1; calibration: the batches)
+    readers: dict[tuple, list[str]] = field(default_factory=dict)  # storage -> tensors of modules not quantized
     probe: Tensor | None = None
     probe_info: dict | None = None
     tap: PreActivationTap | None = None  # ACIQ on the probe: moments before each ReLU
@@ -82,6 +84,7 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
         bias = getattr(layer, "bias", None)
         if isinstance(bias, Tensor) and not bool(torch.isfinite(bias).all()):
             raise ValueError(f"bias of layer {name!r} holds NaN or infinite values")
+    _refuse_pruned_ties(layers)
     for name, bn in model.named_modules():
         if isinstance(bn, BATCHNORMS):
             for what in ("weight", "bias", "running_mean", "running_var"):
@@ -112,6 +115,35 @@ def _weight_source(name: str, layer: nn.Module) -> str:
         if isinstance(hook, prune.BasePruningMethod) and getattr(hook, "_tensor_name", None) == "weight":
             return "weight_orig"
     return "weight"
+
+
+def _refuse_pruned_ties(layers: list[tuple[str, nn.Module]]) -> None:
+    """A pruned layer's `weight_orig` shared with another layer: its mask applies to one of
+    them only, so one quantized tensor cannot serve both."""
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for name, layer in layers:
+        source = _weight_source(name, layer)
+        groups.setdefault(storage_key(getattr(layer, source)), []).append((name, source))
+    for group in groups.values():
+        pruned = [name for name, source in group if source != "weight"]
+        if len(group) > 1 and pruned:
+            others = [name for name, _ in group if name != pruned[0]]
+            raise ValueError(f"layer {pruned[0]!r} is pruned and its weight is shared with layer(s) {others}: the "
+                             "mask applies to one of them only, so one quantized weight cannot serve both; untie "
+                             "them first (give each layer its own weight)")
+
+
+def _recomputed_by(layer: nn.Module, tensor_name: str) -> str | None:
+    """What recomputes `layer.<tensor_name>` before every forward (pruning, a parametrization,
+    weight_norm, spectral_norm), or None: a value written into it would not last."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(layer, tensor_name):
+        return "a parametrization"
+    for hook in layer._forward_pre_hooks.values():
+        if tensor_name in (getattr(hook, "_tensor_name", None), getattr(hook, "name", None)):
+            return type(hook).__name__
+    return None
 
 
 def _looks_quantized(layers: list[tuple[str, nn.Module]]) -> tuple[str, int] | None:
@@ -194,6 +226,10 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
     device = layers[0][1].weight.device
     backend, _ = backends.resolve(config.backend, device)
     plan = _Plan(config, METHODS[config.act_range], layers, _layer_act_bits(config, len(layers)), backend=backend)
+    for owner, module in model.named_modules():  # tensors of other modules that a layer's weight may share
+        if not isinstance(module, QUANTIZABLE):
+            for what, t in module.named_parameters(prefix=owner, recurse=False):
+                plan.readers.setdefault(storage_key(t), []).append(what)
     if config.mixed_precision is not None:
         _allocate_bits(model, plan)
     if not config.quantizes_activations:
@@ -295,6 +331,9 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
             continue
         _refuse_partial_overlap(name, weight, plan)
         owner[key] = name
+        if key in plan.readers:
+            row.note = (f"weight shared with {', '.join(map(repr, plan.readers[key]))} (not a quantized layer): it "
+                        "reads the quantized values too")
         save_original(layer, source)
         if weight.is_shared():
             # shared memory (ddp_spawn on CPU, Hogwild): other processes read the same
@@ -324,11 +363,20 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
     return rows, time.perf_counter() - start
 
 
+def _bytes(t: Tensor) -> tuple[int, int]:
+    """`[first, end)` bytes of its storage that a tensor views."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    return t.storage_offset() * t.element_size(), (t.storage_offset() + extent) * t.element_size()
+
+
 def _refuse_partial_overlap(name: str, weight: Tensor, plan: _Plan) -> None:
-    """Two weights over overlapping but different parts of one storage cannot both be quantized."""
+    """Two weights over overlapping but different parts of one storage cannot both be quantized
+    (views of one buffer that do not overlap, e.g. a fused weight split into layers, are fine)."""
+    lo, hi = _bytes(weight)
     for other, tensor in plan.written.items():
         if (tensor.device == weight.device and tensor.untyped_storage().data_ptr() ==
-                weight.untyped_storage().data_ptr() and storage_key(tensor) != storage_key(weight)):
+                weight.untyped_storage().data_ptr() and storage_key(tensor) != storage_key(weight)
+                and _bytes(tensor)[0] < hi and lo < _bytes(tensor)[1]):
             raise ValueError(f"the weights of layers {other!r} and {name!r} are different views of one storage: "
                              "quantizing one changes the other; give each layer its own weight (clone it)")
 
@@ -390,11 +438,14 @@ def _fix_ranges(model: nn.Module, plan: _Plan, hooks: list, calibration, progres
     handles = _layer_progress(plan.layers, "vquant: ranging activations", progress)
     if plan.tap is not None:
         handles.append(plan.tap.install(model))
+    counters = {name: _Count() for (name, _), hook in zip(plan.layers, hooks) if hook is None}  # the first layer
+    handles += [layer.register_forward_pre_hook(counters[name]) for name, layer in plan.layers if name in counters]
     try:
         if plan.method.calibrated:
-            _calibrate(model, hooks, calibration, plan.config)
+            plan.passes = _calibrate(model, hooks, calibration, plan.config)
         else:
             _run(model, plan.probe)
+            plan.passes = 1
     except ValueError:
         raise
     except Exception as err:
@@ -402,11 +453,25 @@ def _fix_ranges(model: nn.Module, plan: _Plan, hooks: list, calibration, progres
     finally:
         for h in handles:
             h.remove()
+    for name, counter in counters.items():
+        if counter.calls > plan.passes:
+            plan.calls[name] = counter.calls // plan.passes
     return time.perf_counter() - start
 
 
-def _calibrate(model: nn.Module, hooks: list, batches: Iterable, config: QuantConfig) -> None:
-    """Collect each layer input over the batches (inputs float), then fix the ranges."""
+class _Count:
+    """A pre-hook counting the calls of a layer that has no input quantizer."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, module, args) -> None:
+        self.calls += 1
+
+
+def _calibrate(model: nn.Module, hooks: list, batches: Iterable, config: QuantConfig) -> int:
+    """Collect each layer input over the batches (inputs float), then fix the ranges; return
+    how many batches ran."""
     used = 0
     device = next(model.parameters()).device
     for batch in batches:
@@ -423,6 +488,7 @@ def _calibrate(model: nn.Module, hooks: list, batches: Iterable, config: QuantCo
         amax = float(hook.calibrator.compute_amax(config.act_range, percentile=config.percentile).max())
         signed = hook.saw_negative
         hook.quantizer = ActivationQuantizer(hook.bits, -amax if signed else 0.0, amax, signed)
+    return used
 
 
 def _correct_bias(model: nn.Module, plan: _Plan, hooks: list, rows: list[LayerReport]) -> None:
@@ -434,17 +500,21 @@ def _correct_bias(model: nn.Module, plan: _Plan, hooks: list, rows: list[LayerRe
 
     quantizers = {name: hook.quantizer for (name, _), hook in zip(plan.layers, hooks)
                   if hook is not None and hook.quantizer is not None}
-    done = correct_bias(model, plan.float_weights, quantizers, activations=mode == "all", save=save_original)
+    recomputed = {name: by for name, layer in plan.layers if (by := _recomputed_by(layer, "bias")) is not None}
+    floats = {name: w for name, w in plan.float_weights.items() if name not in recomputed}
+    done = correct_bias(model, floats, quantizers, activations=mode == "all", save=save_original)
     for (name, _), row in zip(plan.layers, rows):
         if name in done:
             row.note = _join(row.note, f"bias corrected ({mode})")
+        elif name in recomputed:
+            row.note = _join(row.note, f"bias recomputed on access ({recomputed[name]}): not bias corrected")
 
 
 # -- commit -------------------------------------------------------------------------------
 def _commit(plan: _Plan, rows: list[LayerReport], hooks: list, run: RunInfo) -> None:
     """Finish the hooks, fill the rows, and attach the layer states."""
     for (name, layer), row, hook in zip(plan.layers, rows, hooks):
-        row.calls = max(plan.calls.get(name, 1), hook.calls if hook is not None and plan.probe is not None else 1)
+        row.calls = max(plan.calls.get(name, 1), hook.calls // plan.passes if hook is not None and plan.passes else 1)
         if row.calls > 1:
             row.note = _join(row.note, f"called {row.calls} times per forward: the input range covers every call")
         if hook is None:
@@ -519,6 +589,7 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
     call = _SIGNATURE.bind(model, *args, **kwargs).arguments  # only what the caller gave
     config = _merge_config(call.get("config"), {k: v for k, v in call.items() if k in _SETTINGS})
     probe, calibration, progress = call.get("probe"), call.get("calibration"), call.get("progress")
+    _refuse_ignored(config, call)
     with torch.inference_mode(False), torch.no_grad(), run_scope():
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
@@ -564,6 +635,22 @@ def _signature() -> inspect.Signature:
 
 _SIGNATURE = _signature()
 quantize_model.__signature__ = _SIGNATURE
+
+
+def _refuse_ignored(config: QuantConfig, call: dict[str, Any]) -> None:
+    """A probe beside probe_seed/probe_shape, or calibration batches for a data-free range,
+    would be ignored: an error instead."""
+    if call.get("probe") is not None:
+        given = [k for k in ("probe_seed", "probe_shape") if k in call or getattr(config, k) != getattr(_DEFAULTS, k)]
+        if given:
+            raise ValueError(f"probe= is given, so {', '.join(f'{k}={getattr(config, k)!r}' for k in given)} "
+                             "would be ignored; pass either probe= or probe_seed/probe_shape")
+    if call.get("calibration") is not None and not (config.quantizes_activations and METHODS[config.act_range].calibrated):
+        raise ValueError(f"calibration= is used only by the data-driven act_range max/percentile/mse/entropy; with "
+                         f"act_range={config.act_range!r}, act_bits={config.act_bits!r} it would be ignored")
+
+
+_DEFAULTS = QuantConfig()
 
 
 def _merge_config(config: QuantConfig | None, settings: dict[str, Any]) -> QuantConfig:
