@@ -16,12 +16,24 @@ struct Element {
   float number, error;
 };
 
+// Round half to even, as std::nearbyint in the default rounding mode, without a library call
+// on the host (it vectorizes): below 2^23, |x| + 2^23 lands where the float spacing is 1, so
+// the addition itself rounds |x| to an integer, half to even; from 2^23 on every float is an
+// integer. The sign is put back with copysign (-0.3 -> -0, as nearbyint), NaN stays NaN.
+// Needs IEEE float arithmetic as written (no -ffast-math: the sum must not be folded away).
 VQ_HD float round_half_even(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
 #else
-  return std::nearbyint(x);
+  const float two23 = 8388608.f, a = std::fabs(x);
+  return std::copysign(a < two23 ? (a + two23) - two23 : a, x);
 #endif
+}
+
+// The same for a double >= 0 or NaN (the size of an error sum): 2^52 is where doubles are integers.
+VQ_HD double round_half_even_nonneg(double a) {
+  const double two52 = 4503599627370496.0;
+  return a < two52 ? (a + two52) - two52 : a;
 }
 
 // The (number, error) a flip in direction `up` writes: (r+1, e+1) for an up candidate,

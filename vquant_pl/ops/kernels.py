@@ -121,6 +121,19 @@ def _fake_fake_quant(x: Tensor, scale: float, zero_point: float, q_min: int, q_m
     return torch.empty_like(x)
 
 
+def _squant_weight_reference(weight: Tensor, bits: int, k_level: bool, c_level: bool) -> Tensor:
+    """`vquant::squant_weight` in PyTorch: affine codes, SQuant rounding, dequantization."""
+    from .affine import dequantize, weight_codes
+
+    codes, scale, zero_point = weight_codes(weight, bits)
+    return dequantize(_squant_round_reference(codes.contiguous(), bits, k_level, c_level), scale, zero_point)
+
+
+def _fake_squant_weight(weight: Tensor, bits: int, k_level: bool, c_level: bool) -> Tensor:
+    torch._check(weight.dim() == 3, lambda: "squant_weight: weight must be [OC, IC, K]")
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 torch.library.register_fake("vquant_py::squant_round", _fake_squant_round)
 torch.library.register_fake("vquant_py::fake_quant", _fake_fake_quant)
 
@@ -147,9 +160,11 @@ def _register_python_parts() -> None:
     lib = torch.library.Library("vquant", "IMPL")
     lib.impl("squant_round", _squant_round_reference, "CompositeExplicitAutograd")
     lib.impl("fake_quant", fake_quant_reference, "CompositeExplicitAutograd")
+    lib.impl("squant_weight", _squant_weight_reference, "CompositeExplicitAutograd")
     _libraries.append(lib)
     torch.library.register_fake("vquant::squant_round", _fake_squant_round)
     torch.library.register_fake("vquant::fake_quant", _fake_fake_quant)
+    torch.library.register_fake("vquant::squant_weight", _fake_squant_weight)
 
 
 def _use_torch_on_cuda(reason: str) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, kernels
 from ..config import check_bits
 from .affine import dequantize, weight_codes
-from .squant import ROUNDINGS
+from .squant import ROUNDINGS, levels
 
 
 def check_rounding(rounding: str) -> str:
@@ -42,7 +42,11 @@ def quantize_weight(weight: Tensor, bits: int, rounding: str = "squant",
         check_bits(bits, "weight bits")
     check_rounding(rounding)
     check_weight(weight)
-    _, round_fn = backends.resolve(backend, weight.device)
+    name, round_fn = backends.resolve(backend, weight.device)
+    if name == "cpp" and weight.device.type == "cpu":  # codes, rounding, dequantization in one pass
+        w = weight.detach().float().reshape(weight.shape[0], weight.shape[1] if weight.dim() > 1 else 1, -1)
+        q = kernels.native_ops().squant_weight(w.contiguous(), bits, *levels(rounding, w.shape[-1]))
+        return q.reshape(weight.shape).to(weight.dtype)
     codes, scale, zero_point = weight_codes(weight, bits)
     q = round_fn(codes.contiguous(), bits, rounding)
     return dequantize(q, scale, zero_point).reshape(weight.shape).to(weight.dtype)
