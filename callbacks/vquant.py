@@ -159,17 +159,16 @@ class VQuantCallback(pl.Callback):
 
     @staticmethod
     def _tied_keys(pl_module: nn.Module, state: dict) -> None:
-        """A weight shared by several layers is saved under each name: float under all."""
+        """A tensor shared by several modules is saved under each name (any attribute name, a
+        tied embedding's `weight` or a lookup's `table`): float under all."""
         owners: dict[tuple, Tensor] = {}  # by storage: two Parameters over one tensor are tied too
-        for name, module in pl_module.named_modules():
-            original = originals(module).get("weight")
-            if original is not None:
-                owners[storage_key(module.weight)] = original
-        for name, module in pl_module.named_modules():
-            weight = getattr(module, "weight", None)
-            key = f"{name}.weight" if name else "weight"
-            if isinstance(weight, Tensor) and key in state and storage_key(weight) in owners:
-                state[key] = owners[storage_key(weight)].detach().clone().to(state[key].device)
+        for module in pl_module.modules():
+            for tensor_name, original in originals(module).items():
+                owners[storage_key(getattr(module, tensor_name))] = original
+        for key, tensor in [*pl_module.named_parameters(remove_duplicate=False),
+                            *pl_module.named_buffers(remove_duplicate=False)]:
+            if key in state and storage_key(tensor) in owners:
+                state[key] = owners[storage_key(tensor)].detach().clone().to(state[key].device)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.settings, target=self.target, stages=list(self.stages), keep_quantized=self.keep_quantized)

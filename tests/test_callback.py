@@ -139,3 +139,30 @@ def test_a_reused_log_folder_keeps_every_report(tmp_path):
     folder = tmp_path / "run" / "version_0"
     first, second = (json.loads((folder / n).read_text()) for n in ("vquant_report.json", "vquant_report_1.json"))
     assert first["config"]["weight_bits"] == 8 and second["config"]["weight_bits"] == 6
+
+
+def test_a_checkpoint_holds_floats_under_every_name_of_a_tied_tensor():
+    """A layer's weight also held by another module under another attribute name (a lookup
+    table tied to the output layer): the checkpoint is float under both names."""
+    class Table(nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 20, bias=False)
+            self.lookup = Table(self.head.weight)
+
+        def forward(self, i):
+            return self.head(self.lookup.table[i])
+
+    model = LM()
+    float_weight = model.head.weight.detach().clone()
+    vq.quantize_model(model, 4, None)
+    checkpoint = {"state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+    vq.VQuantCallback().on_save_checkpoint(None, model, checkpoint)
+    assert set(checkpoint["state_dict"]) == {"head.weight", "lookup.table"}
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(value, float_weight), key

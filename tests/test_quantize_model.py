@@ -539,3 +539,13 @@ def test_a_pruned_weight_tied_to_another_layer_is_refused_naming_both():
     with pytest.raises(ValueError, match=r"layer '2' is pruned .*'extra'"):
         vq.quantize_model(net, 4, None)
     assert not vq.is_quantized(net)
+
+
+def test_a_bad_call_names_quantize_model():
+    net = _two_layer_net()
+    with pytest.raises(TypeError, match=r"quantize_model\(\) got an unexpected keyword argument 'sigam'"):
+        vq.quantize_model(net, 4, 4, sigam=12.0)
+    with pytest.raises(TypeError, match=r"quantize_model\(\) too many positional arguments"):
+        vq.quantize_model(net, 4, 4, "squant", "sigma", 12.0, None, "extra")
+    report = vq.quantize_model(net, 4, 4, "squant", "sigma", 12.0, torch.rand(2, 3, 8, 8))  # the paper's call
+    assert (report.config.act_range, report.sigma, report.probe) == ("sigma", 12.0, {"tensor": [2, 3, 8, 8]})

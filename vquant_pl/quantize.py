@@ -586,7 +586,10 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
         2
         >>> vq.restore_model(net)
     """
-    call = _SIGNATURE.bind(model, *args, **kwargs).arguments  # only what the caller gave
+    try:
+        call = _SIGNATURE.bind(model, *args, **kwargs).arguments  # only what the caller gave
+    except TypeError as err:  # as Python words it for a written signature, with the function named
+        raise TypeError(f"quantize_model() {err}; its settings are QuantConfig's fields") from None
     config = _merge_config(call.get("config"), {k: v for k, v in call.items() if k in _SETTINGS})
     probe, calibration, progress = call.get("probe"), call.get("calibration"), call.get("progress")
     _refuse_ignored(config, call)
