@@ -549,3 +549,19 @@ def test_a_bad_call_names_quantize_model():
         vq.quantize_model(net, 4, 4, "squant", "sigma", 12.0, None, "extra")
     report = vq.quantize_model(net, 4, 4, "squant", "sigma", 12.0, torch.rand(2, 3, 8, 8))  # the paper's call
     assert (report.config.act_range, report.sigma, report.probe) == ("sigma", 12.0, {"tensor": [2, 3, 8, 8]})
+
+
+def test_two_parameters_over_one_shared_memory_tensor_both_run_quantized():
+    """A tie by storage in shared memory: the second layer reads the quantized private copy,
+    not the shared float tensor, and the shared memory is never written."""
+    shared = torch.randn(6, 6).share_memory_()
+    before = shared.clone()
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    a.weight, b.weight = nn.Parameter(shared), nn.Parameter(shared)
+    net = nn.Sequential(a, nn.ReLU(), b)
+    report = vq.quantize_model(net, 2, None)
+    assert "quantized once" in report.layers[1].note
+    assert torch.equal(b.weight, a.weight) and _distinct_per_channel(b.weight) <= 4
+    assert torch.equal(shared, before)
+    vq.restore_model(net)
+    assert torch.equal(a.weight, before) and torch.equal(b.weight, before)

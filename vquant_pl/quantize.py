@@ -315,6 +315,7 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
     config = plan.config
     rows: list[LayerReport] = []
     owner: dict[tuple, str] = {}  # storage view of the weight -> the layer that quantized it
+    private: dict[tuple, Tensor] = {}  # storage view in shared memory -> the private copy quantized instead
     start = time.perf_counter()
     for i, (name, layer) in enumerate(_progress(plan.layers, "vquant: quantizing weights", progress)):
         t0 = time.perf_counter()
@@ -327,6 +328,8 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
         key = storage_key(weight)
         if key in owner:
             row.note = f"weight shared with {owner[key]!r}: quantized once"
+            if key in private:  # a second Parameter over the shared memory: it reads the quantized copy too
+                weight.data = private[key]
             plan.written[name] = weight
             continue
         _refuse_partial_overlap(name, weight, plan)
@@ -338,7 +341,7 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
         if weight.is_shared():
             # shared memory (ddp_spawn on CPU, Hogwild): other processes read the same
             # storage, so quantize a private copy and never write to the shared one
-            weight.data = weight.detach().clone()
+            weight.data = private[key] = weight.detach().clone()
         before = layer.weight.detach().clone()  # what the forward uses, after any transform of _prepare
         if config.bn_bias_correction is not None:
             plan.float_weights[name] = before
