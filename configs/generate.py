@@ -2,10 +2,12 @@
 `python configs/generate.py`). Every file runs alone: `vquant test --config FILE --data.root ...`."""
 from pathlib import Path
 
+from vquant_pl.config import PAPER_SIGMA
+
 HERE = Path(__file__).parent
 MODELS = {"resnet18": "ResNet18", "resnet50": "ResNet50", "inceptionv3": "InceptionV3 (299 px)",
           "sqnxt23_w2": "SqueezeNext", "shufflenet_g1_w1": "ShuffleNet"}
-SIGMA = {4: 12, 6: 14, 8: 25}
+SIGMA = {bits: int(s) for bits, s in PAPER_SIGMA.items()}  # written once, in vquant_pl.config
 DATA = """data:
   root: data/imagenet  # the folder holding val/; override with --data.root
   batch_size: 64
@@ -20,8 +22,8 @@ trainer:
 #: The paper's rules exactly: sigma ranges on the probe, no correction (the defaults are the vquant recipe).
 PAPER = "  act_range: sigma\n  bn_bias_correction: null\n"
 METHODS = {"sigma": "  act_range: sigma\n", "bn": "  act_range: bn\n", "aciq-laplace": "  act_range: aciq-laplace\n",
-           "aciq-gauss": "  act_range: aciq-gauss\n", "sigma+bias-corr": "  bias_correction: true\n",
-           "sigma+bit-alloc": "  bit_allocation: true\n", "bn+bias-corr": "  act_range: bn\n  bias_correction: true\n",
+           "aciq-gauss": "  act_range: aciq-gauss\n", "sigma+bias-corr": "  act_range: sigma\n  bias_correction: true\n",
+           "sigma+bit-alloc": "  act_range: sigma\n  bit_allocation: true\n", "bn+bias-corr": "  act_range: bn\n  bias_correction: true\n",
            "bn+act-bit-alloc": "  act_range: bn\n  act_bit_allocation: true\n",
            # ACIQ as its authors' code computes it (docs/methods.md), per tensor, from BatchNorm statistics
            "aciq-laplace-bn": "  act_range: aciq-laplace\n  aciq_stats: bn\n",
