@@ -466,6 +466,17 @@ def test_a_first_layer_called_twice_is_named_in_the_report():
     report = vq.quantize_model(Twice(), 4, 4, "squant", "max", calibration=[torch.rand(2, 3, 8, 8)] * 3)
     assert [r.calls for r in report.layers] == [2, 1]
 
+    class TwiceBN(Twice):  # every other layer ranged from BatchNorm: no probe pass at all
+        def __init__(self):
+            super().__init__()
+            self.bn, self.pool = nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.fc(self.pool(torch.relu(self.bn(self.c(x) + self.c(x.flip(-1))))).flatten(1))
+
+    report = vq.quantize_model(TwiceBN(), 4, 4, act_range="bn", probe_shape=(2, 3, 8, 8))
+    assert report.probe is None and [r.calls for r in report.layers] == [2, 1]
+
 
 def test_calibrated_ranges_count_calls_per_forward_not_per_batch():
     class Mid(nn.Module):

@@ -169,7 +169,10 @@ def _layer_act_bits(config: QuantConfig, count: int) -> list[Optional[int]]:
 def _bn_ranges(model: nn.Module, plan: _Plan) -> None:
     """Ranges from BatchNorm statistics (DFQ), before any probe; reasons where none."""
     config, method = plan.config, plan.method
-    stats = bn_call_stats(model, [name for name, _ in plan.layers[1:]], QUANTIZABLE)
+    stats = bn_call_stats(model, [name for name, _ in plan.layers], QUANTIZABLE)
+    first = stats[plan.layers[0][0]]
+    if isinstance(first, list) and len(first) > 1:  # its input stays float; the report still names it
+        plan.calls[plan.layers[0][0]] = len(first)
     for (name, layer), bits in zip(plan.layers[1:], plan.act_bits[1:]):
         s = stats[name]
         if isinstance(s, list) and len(s) > 1:  # a block called more than once: every call's producer
