@@ -576,3 +576,10 @@ def test_two_parameters_over_one_shared_memory_tensor_both_run_quantized():
     assert torch.equal(shared, before)
     vq.restore_model(net)
     assert torch.equal(a.weight, before) and torch.equal(b.weight, before)
+
+
+def test_a_probe_on_the_meta_device_is_named():
+    net = _two_layer_net()
+    with pytest.raises(ValueError, match=r"probe of shape \(2, 3, 8, 8\) is on the meta device"):
+        vq.quantize_model(net, 4, 4, "squant", "sigma", probe=torch.rand(2, 3, 8, 8, device="meta"))
+    assert not vq.is_quantized(net)

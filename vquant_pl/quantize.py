@@ -250,6 +250,9 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
             return plan  # every layer ranged from BatchNorm: no probe at all
     if probe is None:
         probe = Probe(config.probe_seed, config.probe_shape)
+    if isinstance(probe, Tensor) and probe.is_meta:
+        raise ValueError(f"the probe of shape {tuple(probe.shape)} is on the meta device and holds no values; pass "
+                         "a real tensor (or a vquant_pl.Probe)")
     plan.probe_info = ({"seed": probe.seed, "shape": list(probe.shape) if probe.shape else None}
                        if isinstance(probe, Probe) else None)
     plan.probe = make_probe(probe, model, layers[0][1], device, layers[0][1].weight.dtype)
