@@ -99,10 +99,10 @@ inline Decision decide(double s, long len) {
 }
 
 // K-level on one kernel [0, len) of codes x with numbers/errors (updated in place), error sum
-// s, and the initial priorities of both directions. Returns the error sum after the flips;
-// `mark` receives the boundary (index relative to the kernel).
+// s, and the initial priorities of both directions; `mark` receives the boundary (index
+// relative to the kernel).
 template <long Fixed>
-double k_level_group(const float* x, float* number, float* error, const float* up_prio, const float* down_prio,
+void k_level_group(const float* x, float* number, float* error, const float* up_prio, const float* down_prio,
                      long len_arg, double s, Limits t, Mark& mark, Scratch& ws) {
   const long len = Fixed > 0 ? Fixed : len_arg;
   const Decision d = decide(s, len);
@@ -141,9 +141,6 @@ double k_level_group(const float* x, float* number, float* error, const float* u
     error[i] = e.error;
   }
   mark = Mark{boundary, std::fabs(error[boundary]), d.up != d.over};
-  double after = 0.0;
-  for (long i = 0; i < len; ++i) after += static_cast<double>(error[i]);
-  return after;
 }
 
 // The C-level of one row: flips the first k places of the stable order of `picks` (the
@@ -169,6 +166,17 @@ void c_level_row(const float* x, float* number, long row, double s, Pick* picks,
     flip(i);
     --k;
   }
+}
+
+// Sum of a row's errors in double, four partial sums (the additions overlap). Any order gives
+// the same decisions: the float errors add up exactly in double (as the reference assumes too).
+double error_sum(const float* error, long row) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  long i = 0;
+  for (; i + 4 <= row; i += 4)
+    for (int j = 0; j < 4; ++j) acc[j] += static_cast<double>(error[i + j]);
+  for (; i < row; ++i) acc[0] += static_cast<double>(error[i]);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 constexpr long kSmallK = 32;  // up to this many C-level flips: a scan with a short sorted list
@@ -203,27 +211,23 @@ void round_channel(const float* x, float* number, long ic, long ks, Limits t, bo
         Mark m;
         const double s = sums[g];
         switch (ks) {  // the usual kernel sizes get unrolled loops
-          case 9: total += k_level_group<9>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
-          case 3: total += k_level_group<3>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
-          case 5: total += k_level_group<5>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
-          case 7: total += k_level_group<7>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
-          case 25: total += k_level_group<25>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
-          default: total += k_level_group<0>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws);
+          case 9: k_level_group<9>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
+          case 3: k_level_group<3>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
+          case 5: k_level_group<5>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
+          case 7: k_level_group<7>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
+          case 25: k_level_group<25>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws); break;
+          default: k_level_group<0>(x + o, number + o, error + o, up_prio + o, down_prio + o, ks, s, t, m, ws);
         }
         ws.marks[g] = Mark{o + m.i, m.value, m.up};
       }
       if (c_level) {
+        total = error_sum(error, row);
         const bool up = total < 0.0;
         for (long g = 0; g < ic; ++g)
           if (ws.marks[g].up == up && ws.marks[g].value > 0.f) picks[count++] = Pick{ws.marks[g].value, ws.marks[g].i};
       }
     } else {
-      double acc[4] = {0.0, 0.0, 0.0, 0.0};
-      long i = 0;
-      for (; i + 4 <= row; i += 4)
-        for (int j = 0; j < 4; ++j) acc[j] += static_cast<double>(error[i + j]);
-      for (; i < row; ++i) acc[0] += static_cast<double>(error[i]);
-      total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      total = error_sum(error, row);
       const Decision d = decide(total, row);
       if (d.k > 0 && d.k <= kSmallK) {  // the k first places, kept while scanning in index order
         float* prio = ws.prio.data();  // first all priorities (a loop that vectorizes), then the scan
@@ -402,8 +406,8 @@ at::Tensor squant_weight_cpu(const at::Tensor& weight, int64_t bits, bool k_leve
       const float* w = w_all + c * row;
       float* q = out_all + c * row;
       float lo, hi;
-      TORCH_CHECK(channel_range(w, row, lo, hi), "vquant::squant_weight: output channel ", c,
-                  " of the weight holds NaN or infinite values");
+      TORCH_CHECK_VALUE(channel_range(w, row, lo, hi), "weight holds NaN or infinite values (output channel ", c,
+                        ", in vquant::squant_weight)");
       const float scale = levels / std::max(hi - lo, 1e-8f);
       const float zero_point = round_half_even(scale * lo) + n;
       for (long i = 0; i < row; ++i) x[i] = scale * w[i] - zero_point;

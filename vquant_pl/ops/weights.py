@@ -16,7 +16,7 @@ def check_rounding(rounding: str) -> str:
     return rounding
 
 
-def check_weight(weight: Tensor, name: str = "weight") -> None:
+def check_weight(weight: Tensor, name: str = "weight", finite: bool = True) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if not weight.is_floating_point():
@@ -24,7 +24,7 @@ def check_weight(weight: Tensor, name: str = "weight") -> None:
     if weight.dim() < 1 or weight.numel() == 0:
         raise ValueError(f"{name} must be a non-empty tensor with an output-channel dim, "
                          f"got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
+    if finite and not torch.isfinite(weight).all():
         raise ValueError(f"{name} holds NaN or infinite values")
 
 
@@ -41,12 +41,13 @@ def quantize_weight(weight: Tensor, bits: int, rounding: str = "squant",
     if not (_allow_one_bit and bits == 1):  # 1 bit only inside ACIQ bit allocation
         check_bits(bits, "weight bits")
     check_rounding(rounding)
-    check_weight(weight)
+    check_weight(weight, finite=False)  # finiteness: below, or in the fused kernel's own pass
     name, round_fn = backends.resolve(backend, weight.device)
     if name == "cpp" and weight.device.type == "cpu":  # codes, rounding, dequantization in one pass
         w = weight.detach().float().reshape(weight.shape[0], weight.shape[1] if weight.dim() > 1 else 1, -1)
         q = kernels.native_ops().squant_weight(w.contiguous(), bits, *levels(rounding, w.shape[-1]))
         return q.reshape(weight.shape).to(weight.dtype)
+    check_weight(weight)
     codes, scale, zero_point = weight_codes(weight, bits)
     q = round_fn(codes.contiguous(), bits, rounding)
     return dequantize(q, scale, zero_point).reshape(weight.shape).to(weight.dtype)
