@@ -583,3 +583,27 @@ def test_a_probe_on_the_meta_device_is_named():
     with pytest.raises(ValueError, match=r"probe of shape \(2, 3, 8, 8\) is on the meta device"):
         vq.quantize_model(net, 4, 4, "squant", "sigma", probe=torch.rand(2, 3, 8, 8, device="meta"))
     assert not vq.is_quantized(net)
+
+
+def test_a_signed_and_an_unsigned_call_give_rule_3s_symmetric_range():
+    from vquant_pl.input_quantizer import union_range
+
+    assert union_range([(0.0, 4.0, False), (-1.0, 1.0, True)]) == (-4.0, 4.0, True)
+    assert union_range([(0.0, 4.0, False), (0.0, 6.0, False)]) == (0.0, 6.0, False)
+    assert union_range([(-0.5, 3.0, True), (0.0, 1.0, False)]) == (-0.5, 3.0, True)  # ACIQ's mean-centred: the hull
+
+    class SignedThenUnsigned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.shared, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.stem(x)
+            a, b = self.shared(h - 5.0).mean((2, 3)), self.shared(torch.relu(h) * 4).mean((2, 3))
+            return self.head(torch.cat([a, b], 1))
+
+    torch.manual_seed(0)
+    net = SignedThenUnsigned()
+    vq.quantize_model(net, 8, 8, act_range="sigma", probe=torch.rand(8, 3, 6, 6))
+    _, lo, hi, signed = vq.activation_ranges(net)[1]
+    assert signed and lo == -hi

@@ -18,6 +18,17 @@ from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer
 Quantizer = ActivationQuantizer | ChannelActivationQuantizer
 
 
+def union_range(ranges: list[tuple[float, float, bool]]) -> tuple[float, float, bool]:
+    """One `(lo, hi, signed)` covering every range (of a layer called more than once per
+    forward). Ranges of rule 3's form (`[0, a]` or `[-a, a]`) give one of that form: a signed
+    union is `[-alpha, alpha]`; ranges of another form (ACIQ's mean-centred ones) give the hull."""
+    lo, hi, signed = min(r[0] for r in ranges), max(r[1] for r in ranges), any(r[2] for r in ranges)
+    if signed and all(r[0] == 0 or r[0] == -r[1] for r in ranges):
+        alpha = max(-lo, hi)
+        lo, hi = -alpha, alpha
+    return lo, hi, signed
+
+
 class InputQuantizer:
     """Fake-quantizes the first positional input of a layer with a fixed range."""
 
@@ -54,7 +65,7 @@ class InputQuantizer:
                 raise ValueError(f"layer {self.name!r}: {err}") from None
             q = self.quantizer
             if q is not None:  # called again in the same forward: the range covers every call
-                lo, hi, signed = min(lo, q.lo), max(hi, q.hi), signed or q.signed
+                lo, hi, signed = union_range([(lo, hi, signed), (q.lo, q.hi, q.signed)])
             self.quantizer = ActivationQuantizer(self.bits, lo, hi, signed)
         elif self.quantizer is None:
             return None  # never reached while ranging: the input stays float

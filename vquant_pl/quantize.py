@@ -21,7 +21,7 @@ from .ops import backends
 from .methods.aciq import PreActivationTap, bias_correct, weight_channel_bits
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer
 from .config import QuantConfig
-from .input_quantizer import InputQuantizer, Quantizer
+from .input_quantizer import InputQuantizer, Quantizer, union_range
 from .probe import Probe, make_probe
 from .methods.table import METHODS, RangeMethod
 from .report import LayerReport, QuantReport
@@ -198,8 +198,7 @@ def _union_of_calls(stats: list, bits: int, config: QuantConfig, method: RangeMe
         return f"called {len(stats)} times in one forward, one call's {why}"
     if config.act_bit_allocation or config.act_per_channel:
         return f"called {len(stats)} times in one forward: per-channel ranges need one producer"
-    ranges = [method.range_from_bn(s, bits, config, layer) for s in stats]
-    return ActivationQuantizer(bits, min(r[0] for r in ranges), max(r[1] for r in ranges), any(r[2] for r in ranges))
+    return ActivationQuantizer(bits, *union_range([method.range_from_bn(s, bits, config, layer) for s in stats]))
 
 
 def _allocate_bits(model: nn.Module, plan: _Plan) -> None:
