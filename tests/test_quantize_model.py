@@ -607,3 +607,20 @@ def test_a_signed_and_an_unsigned_call_give_rule_3s_symmetric_range():
     vq.quantize_model(net, 8, 8, act_range="sigma", probe=torch.rand(8, 3, 6, 6))
     _, lo, hi, signed = vq.activation_ranges(net)[1]
     assert signed and lo == -hi
+
+
+def test_layers_after_a_shared_block_are_ranged_on_what_the_final_model_feeds_them():
+    """The shared block's range is the union of its calls; the head after it is ranged in a
+    second probe pass on the inputs the finished model gives it."""
+    torch.manual_seed(0)
+    net = Siamese()
+    probe = torch.rand(16, 3, 10, 10)
+    report = vq.quantize_model(net, 4, 4, act_range="sigma", probe=probe)
+    seen = []
+    handle = net.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]), prepend=True)
+    with torch.no_grad():
+        net(probe)
+    handle.remove()
+    lo, hi, signed = vq.sigma_range(seen[0], 8, 12.0)  # the last layer: 8 bits, the run's sigma (rule 4)
+    row = report.layers[2]
+    assert row.name == "head" and (row.act_lo, row.act_hi, row.signed) == (lo, hi, signed)

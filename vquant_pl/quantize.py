@@ -454,6 +454,9 @@ def _fix_ranges(model: nn.Module, plan: _Plan, hooks: list, calibration, progres
         else:
             _run(model, plan.probe)
             plan.passes = 1
+            if _refix_after_multi_calls(hooks):
+                _run(model, plan.probe)  # every layer after a shared block ranged on its final range
+                plan.passes = 2
     except ValueError:
         raise
     except Exception as err:
@@ -465,6 +468,22 @@ def _fix_ranges(model: nn.Module, plan: _Plan, hooks: list, calibration, progres
         if counter.calls > plan.passes:
             plan.calls[name] = counter.calls // plan.passes
     return time.perf_counter() - start
+
+
+def _refix_after_multi_calls(hooks: list) -> bool:
+    """After a probe pass in which a layer was called more than once: its input range (the
+    union of every call) differs from the one its first call was quantized with, so the layers
+    after it were ranged on other inputs than the final model gives them. Fix the union ranges
+    and range the others again, in a second pass. False when no layer was called twice."""
+    ranging = [h for h in hooks if h is not None and h.mode == "range"]
+    if not any(h.calls > 1 for h in ranging):
+        return False
+    for h in ranging:
+        if h.calls > 1:
+            h.mode = "fixed"
+        else:
+            h.quantizer = None
+    return True
 
 
 class _Count:
