@@ -16,7 +16,7 @@ from torch.library import opcheck
 import vquant_pl as vq
 from vquant_pl.ops import backends, kernels
 from vquant_pl.ops.affine import ActivationQuantizer, ChannelActivationQuantizer
-from vquant_pl.ops.squant import squant_round_torch
+from vquant_pl.ops.squant import ROUNDINGS, levels, squant_round_torch
 
 REPO = Path(__file__).resolve().parents[2]
 NATIVE = kernels.ops() is torch.ops.vquant  # builds (or loads the cached build) once
@@ -221,3 +221,98 @@ def test_torch_kernels_replace_loaded_cuda_kernels(monkeypatch):
         dump = torch._C._dispatch_dump(f"vquant::{op}")
         assert "CUDA: registered at " + str(Path(kernels.__file__)) in dump and "CUDA (inactive)" in dump
     assert kernels.status()["cuda"] == "test"
+
+
+# ------------------------------------------------------------------- the CPU kernel (issue 20)
+def _native_or_skip():
+    if not NATIVE:
+        pytest.skip(f"native kernels unavailable: {kernels.status()['cpu']}")
+    return torch.ops.vquant
+
+
+def _adversarial_codes():
+    """Codes that drive every selection path of the CPU kernel: error sums of exactly 0 (the
+    K-level boundary at the last place), every residual on one side (k > 8 in a 7x7 kernel,
+    k > 32 at the C-level), ties, few candidates (zero priorities taken in index order), -0."""
+    g = torch.Generator().manual_seed(20)
+    one_side = torch.randint(-7, 7, (5, 40, 49), generator=g) + 0.3  # every error -0.3: s = -14.7 per kernel
+    return {
+        "exact integers (s == 0)": torch.randint(-8, 8, (6, 20, 9), generator=g).float(),
+        "halves and quarters": torch.randint(-32, 32, (6, 50, 9), generator=g) / 4.0,
+        "one side, 7x7": one_side,
+        "one side, 1x1 row of 2000": torch.randint(-7, 7, (3, 2000, 1), generator=g) - 0.4,
+        "few candidates": torch.where(torch.rand(4, 300, 3, generator=g) < 0.05, 0.45, 2.0) + 0.0,
+        "clamped codes": (torch.randn(4, 64, 9, generator=g) * 9).clamp(-9.5, 8.5),
+        "signed zeros": torch.tensor([-0.3, 0.3, -0.0, 0.0, -0.2, 0.1, -0.1, 0.2, -0.4]).repeat(3, 4, 1),
+        "kernel 1x7": torch.randn(5, 30, 7, generator=g) * 3,
+        "kernel 5x5": torch.randn(5, 30, 25, generator=g) * 3,
+        "kernel 3 (conv1d)": torch.randn(5, 30, 3, generator=g) * 3,
+        "kernel 2": torch.randn(5, 30, 2, generator=g) * 3,
+    }
+
+
+@pytest.mark.parametrize("case", list(_adversarial_codes()))
+def test_squant_round_cpu_equals_the_reference_to_the_bit(case):
+    ops = _native_or_skip()
+    codes = _adversarial_codes()[case]
+    for bits in (2, 4, 8):
+        for rounding in ROUNDINGS:
+            k_level, c_level = levels(rounding, codes.shape[-1])
+            expected = squant_round_torch(codes, bits, rounding)
+            got = ops.squant_round(codes, bits, k_level, c_level)
+            # the same bits, -0.0 included (torch.equal alone would accept 0.0 for -0.0)
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (case, bits, rounding)
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (16, 1, 3, 3), (24, 40, 1, 1), (10, 300), (6, 3, 7, 7),
+                                   (8, 4, 5), (6, 3, 3, 3, 3), (3, 1), (1, 1)])
+def test_fused_squant_weight_equals_codes_rounding_dequantization(shape):
+    """`vquant::squant_weight` (what quantize_weight runs on the cpp backend) gives the very
+    bits of weight_codes + squant_round_torch + dequantize, for every rounding."""
+    ops = _native_or_skip()
+    from vquant_pl.ops.affine import dequantize, weight_codes
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    w.view(-1)[::5] = 0.0
+    if w.shape[0] > 2:
+        w[1] = 0.25  # a constant channel: width clamped to 1e-8
+    w3 = w.reshape(w.shape[0], w.shape[1] if w.dim() > 1 else 1, -1)
+    for bits in (2, 4, 8):
+        codes, scale, zero_point = weight_codes(w, bits)
+        for rounding in ROUNDINGS:
+            expected = dequantize(squant_round_torch(codes.contiguous(), bits, rounding), scale, zero_point)
+            got = ops.squant_weight(w3.contiguous(), bits, *levels(rounding, w3.shape[-1]))
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (shape, bits, rounding)
+            assert torch.equal(vq.quantize_weight(w, bits, rounding, backend="cpp"),
+                               vq.quantize_weight(w, bits, rounding, backend="torch"))
+
+
+def test_fused_squant_weight_opcheck_and_names_the_bad_channel():
+    ops = _native_or_skip()
+    for args in [(torch.randn(5, 7, 9), 4, True, True), (torch.randn(3, 300, 1), 2, False, True)]:
+        opcheck(ops.squant_weight, args)
+    w = torch.randn(4, 8, 9)
+    w[2, 5, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(output channel 2"):
+        ops.squant_weight(w, 4, True, True)
+    w[2, 5, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        vq.quantize_weight(w, 4, backend="cpp")
+    with pytest.raises(RuntimeError, match="must be float32"):
+        ops.squant_weight(w.double(), 4, True, True)
+
+
+def test_cpu_kernel_results_do_not_depend_on_the_threads():
+    """Channels are handed out in chunks to whichever thread is free: the result is the same."""
+    ops = _native_or_skip()
+    w = torch.randn(700, 24, 9, generator=torch.Generator().manual_seed(5))  # many chunks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [ops.squant_weight(w, 4, True, True), ops.squant_round(w * 3, 4, True, True)]
+        torch.set_num_threads(max(threads, 2))
+        for _ in range(3):
+            many = [ops.squant_weight(w, 4, True, True), ops.squant_round(w * 3, 4, True, True)]
+            assert all(torch.equal(a, b) for a, b in zip(one, many))
+    finally:
+        torch.set_num_threads(threads)
