@@ -110,3 +110,47 @@ def test_a_one_line_bug_in_the_kernel_source_is_caught(tmp_path):
     assert _mismatches(weight, 4, ["squant-c"], ops=buggy) != []
     assert _mismatches(weight, 4, ["squant-c"]) == []  # the real source, same case
     assert kernels.self_check(buggy, "cpu") != []
+
+
+def _weight_mismatches(weight, bits, roundings, ops=None):
+    """The fused `squant_weight` (codes, rounding, dequantization) against the PyTorch path."""
+    codes, scale, zero_point = weight_codes(weight, bits)
+    w3 = weight.float().reshape(weight.shape[0], weight.shape[1] if weight.dim() > 1 else 1, -1).contiguous()
+    wrong = []
+    for r in roundings:
+        expected = dequantize(squant_round_torch(codes.contiguous(), bits, r), scale, zero_point)
+        got = (ops or EMU).squant_weight(w3, bits, *levels(r, w3.shape[-1]))
+        if not torch.equal(got.view(torch.int32), expected.view(torch.int32)):
+            wrong.append((tuple(weight.shape), bits, r))
+    return wrong
+
+
+@pytest.mark.parametrize("kind", list(ODD))
+def test_fused_squant_weight_odd_shapes(kind):
+    weight = torch.randn(ODD[kind])
+    weight.view(-1)[:: 7] = 0.0
+    if weight.shape[0] > 1:
+        weight[0] = 0.5  # a constant channel (width clamped to 1e-8)
+    for bits in (2, 4, 8):
+        assert _weight_mismatches(weight, bits, ROUNDINGS) == []
+
+
+def test_fused_squant_weight_golden_file(golden):
+    wrong = []
+    for i, c in enumerate(golden["weights"]):
+        w = c["weight"]
+        w3 = w.float().reshape(w.shape[0], w.shape[1] if w.dim() > 1 else 1, -1).contiguous()
+        got = EMU.squant_weight(w3, c["bits"], *levels(c["mode"], w3.shape[-1])).reshape(w.shape).to(w.dtype)
+        if not torch.equal(got, c["expected"]):
+            wrong.append(i)
+    assert wrong == []
+
+
+def test_one_sided_residuals_worst_case_rounds():
+    """Every error of a channel on one side: the most C-level rounds (k = IC/2 and more)."""
+    codes = torch.randint(-7, 7, (3, 600, 1)) - 0.4
+    assert [r for r in ROUNDINGS
+            if not torch.equal(EMU.squant_round(codes, 4, *levels(r, 1)), squant_round_torch(codes, 4, r))] == []
+    codes = torch.randint(-7, 7, (3, 100, 9)) + 0.3
+    assert [r for r in ROUNDINGS
+            if not torch.equal(EMU.squant_round(codes, 4, *levels(r, 9)), squant_round_torch(codes, 4, r))] == []

@@ -174,6 +174,7 @@ def _use_torch_on_cuda(reason: str) -> None:
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
         lib.impl("squant_round", _squant_round_reference, "CUDA")
         lib.impl("fake_quant", fake_quant_reference, "CUDA")
+        lib.impl("squant_weight", _squant_weight_reference, "CUDA")
     _libraries.append(lib)
     _state["cuda"] = reason
 
@@ -280,6 +281,17 @@ def self_check(namespace: Any, device: str | torch.device) -> list[str]:
             if not torch.equal(got, expected):
                 wrong = int((got != expected).sum()) if got.shape == expected.shape else -1
                 problems.append(f"squant_round {rounding} {bits} bits {tuple(codes.shape)}: {wrong} codes differ")
+            if hasattr(namespace, "squant_weight"):  # the fused codes + rounding + dequantization
+                w3 = w.reshape(w.shape[0], w.shape[1], -1).contiguous()
+                expected = _squant_weight_reference(w3, bits, k_level, c_level)
+                try:
+                    got = namespace.squant_weight(w3.to(device), bits, k_level, c_level).cpu()
+                except Exception as err:
+                    problems.append(f"squant_weight raised {_short(err, 200)}")
+                    continue
+                if not torch.equal(got, expected):
+                    problems.append(f"squant_weight {rounding} {bits} bits {tuple(w3.shape)}: "
+                                    f"{int((got != expected).sum())} values differ")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for scale, zp, lo, hi in ((4.0, 0.0, 0, 15), (2.5, 8.0, -8, 7), (127.5, 128.0, -128, 127)):
             xd = x.to(dtype)
