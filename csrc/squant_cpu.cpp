@@ -276,7 +276,9 @@ void for_channels(long oc, long row, long ic, const Body& body) {
   constexpr long kChunkElements = 16384;  // tens of microseconds of work
   const long chunk = std::max(1L, kChunkElements / std::max(row, 1L));
   const long chunks = (oc + chunk - 1) / chunk;
-  const long helpers = at::in_parallel_region() ? 0 : std::min<long>(at::get_num_threads(), chunks) - 1;
+  // Helpers only for layers of 8 chunks or more: for less, waking one costs about what it saves.
+  constexpr long kMinChunks = 8;
+  const long helpers = (at::in_parallel_region() || chunks < kMinChunks) ? 0 : std::min<long>(at::get_num_threads(), chunks / 4) - 1;
   std::vector<Scratch> slots(std::max(helpers, 0L) + 1);  // one per participating thread
   for (auto& ws : slots) {
     ws.error.resize(row);
