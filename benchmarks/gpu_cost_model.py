@@ -1,10 +1,12 @@
 """The GPU cost model of SQuant weight quantization, computed on the CPU (no GPU needed).
 
-    python benchmarks/gpu_cost_model.py [--models resnet18 resnet50] [--per-layer]
+    python benchmarks/gpu_cost_model.py [--models resnet18 resnet50] [--per-layer] [--unfused]
 
 For each layer of the model (pytorchcv, random init, W4 `squant`), as `quantize_weight` runs
-it on a CUDA tensor: the kernel launches (every ATen op that launches a kernel, recorded by
-a dispatch mode, plus the two launches inside `vquant::squant_round`), the bytes those
+it on a CUDA tensor (`vquant::squant_weight`: 3 launches, codes / K-level / C-level with the
+dequantization; `--unfused` models the separate PyTorch codes and dequantization around
+`vquant::squant_round` instead): the kernel launches (every ATen op that launches a kernel,
+recorded by a dispatch mode, plus the launches inside the vquant operator), the bytes those
 kernels read and write in device memory (an upper bound: L2 hits are counted as traffic;
 the SQuant kernel's re-scans of a channel's priorities, which stay on chip, are not),
 the C-level selection rounds of the SQuant kernel (measured: round(|error sum|) per output
@@ -45,6 +47,14 @@ class CountKernels(TorchDispatchMode):
         return out
 
 
+def fused_cost(w: torch.Tensor) -> tuple[int, int]:
+    """(launches, bytes) that `squant_weight` adds to the two rounding kernels: kernel 0 reads
+    the weight twice (min/max, codes) and writes the codes; kernel 2 reads its output once more
+    and writes the dequantized weight (in place)."""
+    n = w.numel()
+    return 1, 4 * n * 3 + 4 * n * 2
+
+
 def squant_kernel_cost(codes: torch.Tensor, bits: int) -> tuple[int, int, int, int]:
     """(launches, bytes, measured C-level rounds of the slowest channel, worst-case rounds)."""
     oc, ic, ks = codes.shape
@@ -59,7 +69,7 @@ def squant_kernel_cost(codes: torch.Tensor, bits: int) -> tuple[int, int, int, i
     return 2, 4 * n * (1 + 4) + 4 * n * (2 + 1 + 2), rounds, worst
 
 
-def model_cost(name: str, bits: int, per_layer: bool) -> dict:
+def model_cost(name: str, bits: int, per_layer: bool, unfused: bool = False) -> dict:
     from pytorchcv.model_provider import get_model
 
     model = get_model(name, pretrained=False)
@@ -69,14 +79,18 @@ def model_cost(name: str, bits: int, per_layer: bool) -> dict:
         print("| --- | --- | ---: | ---: | ---: |")
     for layer_name, layer in vq.quantizable_layers(model):
         w = layer.weight.detach()
-        with CountKernels() as counter:
-            vq.quantize_weight(w, bits, "squant", backend="torch")  # the same ATen ops as on CUDA, minus the kernel
-        # the torch backend's ops inside squant_round_torch are not the CUDA kernel's: subtract them
-        with CountKernels() as inner:
-            squant_round_torch(weight_codes(w, bits)[0].contiguous(), bits, "squant")
         k_launches, k_bytes, rounds, worst = squant_kernel_cost(weight_codes(w, bits)[0], bits)
-        launches = counter.launches - inner.launches + k_launches
-        moved = counter.bytes - inner.bytes + k_bytes
+        if unfused:
+            with CountKernels() as counter:
+                vq.quantize_weight(w, bits, "squant", backend="torch")  # the same ATen ops as on CUDA, minus the kernel
+            # the torch backend's ops inside squant_round_torch are not the CUDA kernel's: subtract them
+            with CountKernels() as inner:
+                squant_round_torch(weight_codes(w, bits)[0].contiguous(), bits, "squant")
+            launches = counter.launches - inner.launches + k_launches
+            moved = counter.bytes - inner.bytes + k_bytes
+        else:
+            f_launches, f_bytes = fused_cost(w)
+            launches, moved = k_launches + f_launches, k_bytes + f_bytes
         total["layers"] += 1
         total["params"] += w.numel()
         total["launches"] += launches
@@ -93,9 +107,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--per-layer", action="store_true")
+    parser.add_argument("--unfused", action="store_true", help="codes and dequantization as PyTorch ops (before issue 20)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = [(name, model_cost(name, args.bits, args.per_layer)) for name in args.models]
+    rows = [(name, model_cost(name, args.bits, args.per_layer, args.unfused)) for name in args.models]
     print("\n| model | layers | weights | launches | MB moved | C-level rounds, sum over layers (measured / worst) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, t in rows:
