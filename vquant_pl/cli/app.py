@@ -52,7 +52,7 @@ FIT_ONLY = {"max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "l
             "log_every_n_steps", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
             "detect_anomaly", "reload_dataloaders_every_n_epochs", "enable_autolog_hparams", "model_registry",
             # nor training-only or low-level ones: they keep their defaults and out of `vquant test --help`
-            "plugins", "barebones", "use_distributed_sampler", "sync_batchnorm"}
+            "plugins", "barebones", "use_distributed_sampler", "sync_batchnorm", "profiler", "fast_dev_run"}
 #: Lightning's console lines that `vquant` does not repeat: its product tips and the seed line of every run.
 QUIET_MESSAGES = re.compile(r"^(\[rank: \d+\] )?(\W*Tip:|Seed set to )")
 
