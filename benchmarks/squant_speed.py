@@ -146,10 +146,10 @@ def main() -> None:
                     start_load = load()
                     k = [levels("squant", c.shape[-1]) for c in codes]
                     t = median_ms({
-                        "old": lambda: [old_quantize_weight(old, w, bits) for w in weights],
-                        "new": lambda: [vq.quantize_weight(w, bits, "squant", backend="cpp") for w in weights],
-                        "old_k": lambda: [old.squant_round(c, bits, *kc) for c, kc in zip(codes, k)],
-                        "new_k": lambda: [new.squant_round(c, bits, *kc) for c, kc in zip(codes, k)],
+                        "old": lambda ws=weights: [old_quantize_weight(old, w, bits) for w in ws],
+                        "new": lambda ws=weights: [vq.quantize_weight(w, bits, "squant", backend="cpp") for w in ws],
+                        "old_k": lambda cs=codes, ks=k: [old.squant_round(c, bits, *kc) for c, kc in zip(cs, ks)],
+                        "new_k": lambda cs=codes, ks=k: [new.squant_round(c, bits, *kc) for c, kc in zip(cs, ks)],
                     }, args.runs)
                     print(f"| {kind} | {start_load} | {threads} | {name} | {t['old']:.1f} | {t['new']:.1f} | "
                           f"{t['old'] / t['new']:.1f}x | {t['old_k']:.1f} | {t['new_k']:.1f} |", flush=True)
@@ -166,7 +166,7 @@ def main() -> None:
         for name, (weights, _) in models.items():
             cuda = [w.cuda() for w in weights]
 
-            def run(backend):
+            def run(backend, cuda=cuda):
                 for w in cuda:
                     vq.quantize_weight(w, bits, "squant", backend=backend)
                 torch.cuda.synchronize()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, kernels
 from ..config import check_bits
+from . import backends, kernels
 from .affine import dequantize, weight_codes
 from .squant import ROUNDINGS, levels
 
