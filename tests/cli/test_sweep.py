@@ -123,3 +123,49 @@ def test_agreement_rows_say_agreement_not_top1(tmp_path, capsys, checkpoints):
     assert f"| {row['top1']} agreement | {row['top5']} agreement |" in markdown([row])
     console = printed.out + printed.err
     assert "Tip:" not in console and "Seed set to" not in console and "deprecated" not in console
+
+
+def test_onnx_column_scores_the_exported_model_on_the_same_images(tmp_path, checkpoints):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    pytest.importorskip("onnxscript", reason="the export extra is not installed")
+    import onnx
+
+    a = checkpoints[0]
+    fp = _config(tmp_path / "fp.yaml", a)
+    fp.write_text(fp.read_text().replace("weight_bits: 8", "weight_bits: null"))
+    # q: exported; fp: a float run; bc: ACIQ's bias correction moves weights off their grid, no codes to export
+    configs = [_config(tmp_path / "q.yaml", a), fp, _config(tmp_path / "bc.yaml", a, extra="  bias_correction: true\n")]
+    out = tmp_path / "out"
+    rows = sweep([*map(str, configs), "--out", str(out), "--onnx"])
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    q, fp, bc = rows
+    # the exported file, in onnxruntime, on the same 4 labelled images, each once
+    assert q["scored_by"] == "labels" and q["onnx_samples"] == q["samples"] == 4
+    assert (q["onnx_top1"], q["onnx_top5"]) == (q["top1"], q["top5"])
+    onnx.checker.check_model(str(out / "q" / "model.onnx"))
+    assert fp["bits"] == "FP32" and fp["onnx_top1"] == "float run: nothing quantized to export"
+    assert bc["top1"] is not None and bc["onnx_top1"].startswith("not exported: ValueError: bias_correction=True")
+    assert not (out / "bc" / "model.onnx").exists() and not (out / "fp" / "model.onnx").exists()
+    table = (out / "results.md").read_text()
+    assert "| top-5 | onnxruntime top-1 | onnxruntime top-5 | KL |" in table
+    assert f"| {q['top5']} | {q['onnx_top1']} | {q['onnx_top5']} |" in table
+    assert "| float run: nothing quantized to export | - |" in table
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["onnx_top1"] == str(q["onnx_top1"]) and table[2]["onnx_top1"] == bc["onnx_top1"]
+
+
+def test_onnx_without_the_extra_names_it_before_any_run(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        sweep(["quickstart/w8a8", "--out", str(tmp_path / "out"), "--onnx"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--onnx: ONNX export needs onnxruntime" in err and "vquant-pl[export]" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_markdown_has_no_onnx_columns_without_onnx():
+    assert "onnxruntime" not in markdown([{"config": "x", "top1": 1.0, "status": "ok"}])

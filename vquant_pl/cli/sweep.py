@@ -2,7 +2,7 @@
 every run, plot it, and keep each run's config, quantization report and per-layer figure.
 
     vquant sweep paper/resnet18_w4a4 paper/resnet18_fp32 --out runs/sweep [--data.root /data/imagenet ...]
-    vquant sweep configs/quickstart/*.yaml [--fail-fast]
+    vquant sweep configs/quickstart/*.yaml [--fail-fast] [--onnx]
 
 Configs are files or names of shipped configs (`quickstart/*` globs among them). Arguments
 after the configs that start with `--` are passed to every run (LightningCLI overrides).
@@ -11,16 +11,20 @@ unlabeled image set (the data module's `root: null`) each run is scored against 
 model's float predictions on the same images: top-1/top-5 agreement, the mean KL divergence
 of the float softmax to the quantized one, and the mean cosine similarity of the logits.
 Under DDP (`--trainer.devices N`) every image is scored once and rank 0 alone prints and
-writes; the row equals the single-process one.
+writes; the row equals the single-process one. With `--onnx` each quantized run is also
+exported (`<run>/model.onnx`) and the file scored in onnxruntime on the same test images,
+every image once: its top-1/top-5 stand beside PyTorch's (`onnxruntime top-1`, `... top-5`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,9 @@ from .paper import paper_top1
 
 COLUMNS = ["config", "model", "bits", "method", "top1", "top5", "kl", "cosine", "paper_top1", "diff", "quant_ms",
            "samples", "skipped", "scored_by", "status"]
+#: With `--onnx`: the exported model's scores in onnxruntime, inserted after `top5`.
+ONNX_COLUMNS = ["onnx_top1", "onnx_top5"]
+ONNX_HEADERS = ["onnxruntime top-1", "onnxruntime top-5"]
 HEADERS = ["config", "model", "bits", "method", "top-1", "top-5", "KL", "cosine", "paper top-1", "diff", "quant ms",
            "samples", "skipped", "scored by", "status"]
 
@@ -139,10 +146,88 @@ def float_reference_key(trainer, model, data) -> tuple:
             str(trainer.precision))
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def onnx_scores(trainer, model, data, path: Path, reference: torch.Tensor | None = None) -> dict:
+    """Export `model.model` (quantized, as just evaluated) to `path` on rank 0 and score the
+    file in onnxruntime on the data module's test images, every image once (each rank its
+    shard under DDP, gathered in dataset order): top-1/top-5 against the labels, or, given
+    the float `reference` logits, agreement with them. A model that cannot be exported
+    gives the reason in `onnx_top1`.
+
+    Returns:
+        `{"onnx_top1": float | str, "onnx_top5": float | None, "onnx_samples": int}`.
+    """
+    from ..export import export_onnx, ort_session, run_onnx
+
+    reason = None
+    if trainer.is_global_zero:
+        try:
+            first = next(iter(data.test_dataloader()), None)
+            if first is None or len(first[0]) == 0:
+                raise ValueError("no test image to export with")
+            export_onnx(model.model, path, first[0][:2].detach().float().cpu())
+        except Exception as err:  # noqa: BLE001 -- the PyTorch scores stand; the cell says why there is no file
+            reason = f"not exported: {_first_line(err)}"
+    # rank 0's file (under DDP the other ranks may have named their run folders differently)
+    reason, path = trainer.strategy.broadcast((reason, str(path)), src=0)
+    if reason is not None:
+        return {"onnx_top1": reason, "onnx_top5": None, "onnx_samples": 0}
+    session = ort_session(path)
+    loader = data.test_dataloader()
+    logits, labels = [], []
+    for images, targets in loader:
+        logits.append(torch.from_numpy(run_onnx(session, images)).float())
+        labels.append(targets.cpu())
+    if not logits:
+        logits, labels = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)]
+    skipped = loader.skipped
+    logits, _ = _gathered(trainer, torch.cat(logits), skipped)
+    labels, _ = _gathered(trainer, torch.cat(labels), skipped)
+    if reference is not None:
+        if logits.shape != reference.shape:
+            return {"onnx_top1": f"onnxruntime scored {len(logits)} images, the float pass {len(reference)}",
+                    "onnx_top5": None, "onnx_samples": len(logits)}
+        scores = fidelity(reference, logits)
+        return {"onnx_top1": scores["top1"], "onnx_top5": scores["top5"], "onnx_samples": len(logits)}
+    k = min(5, logits.shape[1])
+    top1 = (logits.argmax(1) == labels).double().mean().item()
+    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).double().mean().item()
+    return {"onnx_top1": round(100 * top1, 2), "onnx_top5": round(100 * top5, 2), "onnx_samples": len(logits)}
+
+
+def _score(trainer, model, data, cb, wb, row: dict, against_float: bool, reference_cache: dict):
+    """The run's PyTorch scores (added to `row`) and the float reference logits (None when scored by labels)."""
+    if data.labeled and not against_float:
+        result = trainer.test(model, datamodule=data, verbose=False)[0]
+        row |= {"top1": round(100 * result["test/top1"], 2), "top5": round(100 * result["test/top5"], 2),
+                "samples": int(result["test/samples"]), "skipped": int(result["test/skipped"]), "scored_by": "labels"}
+        return row, None
+    # agreement with (and distance to) the float model's logits on the same images
+    key = float_reference_key(trainer, model, data)
+    if key not in reference_cache:
+        reference_cache[key] = _logits(trainer, model, data, quantized=False)
+    reference, skipped = reference_cache[key]
+    if wb is not None:
+        logits, skipped = _logits(trainer, model, data, quantized=True)
+        if logits.shape != reference.shape:
+            raise RuntimeError(f"the quantized pass scored {len(logits)} images, the float pass {len(reference)}")
+    else:
+        logits = reference
+    row |= fidelity(reference, logits) | {"samples": len(logits), "skipped": skipped,
+                                          "scored_by": "float agreement"}
+    return row, reference
+
+
 def run_config(config: str | Path, overrides: list[str], reference_cache: dict, run_dir: Path | None = None,
-               against_float: bool = False) -> dict:
+               against_float: bool = False, onnx: bool = False) -> dict:
     """One config's run; its resolved config, `vquant_report.json` and `layers.png` go to `run_dir`.
-    Scored by the labels, or, on unlabeled data or with `against_float`, against the float model."""
+    Scored by the labels, or, on unlabeled data or with `against_float`, against the float model.
+    With `onnx`, a quantized run is exported to `run_dir / "model.onnx"` (a temporary folder
+    without `run_dir`) and scored in onnxruntime on the same images (`onnx_scores`)."""
     from .app import make_cli
     from ..plots import available, layer_figure, save
 
@@ -161,23 +246,26 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     spec = model.hparams.get("model", type(model.model).__name__)
     start = time.perf_counter()
     row: dict[str, Any] = {"config": config.stem, "model": spec}
-    if data.labeled and not against_float:
-        result = trainer.test(model, datamodule=data, verbose=False)[0]
-        row |= {"top1": round(100 * result["test/top1"], 2), "top5": round(100 * result["test/top5"], 2),
-                "samples": int(result["test/samples"]), "skipped": int(result["test/skipped"]), "scored_by": "labels"}
-    else:  # agreement with (and distance to) the float model's logits on the same images
-        key = float_reference_key(trainer, model, data)
-        if key not in reference_cache:
-            reference_cache[key] = _logits(trainer, model, data, quantized=False)
-        reference, skipped = reference_cache[key]
-        if wb is not None:
-            logits, skipped = _logits(trainer, model, data, quantized=True)
-            if logits.shape != reference.shape:
-                raise RuntimeError(f"the quantized pass scored {len(logits)} images, the float pass {len(reference)}")
-        else:
-            logits = reference
-        row |= fidelity(reference, logits) | {"samples": len(logits), "skipped": skipped,
-                                              "scored_by": "float agreement"}
+    exporting = onnx and wb is not None
+    keep = cb.keep_quantized if cb is not None else False
+    if exporting:  # the model stays quantized after its pass: the file is the model just evaluated
+        cb.keep_quantized = True
+    try:
+        row, reference = _score(trainer, model, data, cb, wb, row, against_float, reference_cache)
+        if exporting:
+            with contextlib.ExitStack() as stack:
+                folder = run_dir if run_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                row |= onnx_scores(trainer, model, data, folder / "model.onnx", reference)
+            if isinstance(row["onnx_top1"], float) and row["onnx_samples"] != row["samples"]:
+                row |= {"onnx_top1": f"onnxruntime scored {row['onnx_samples']} images, PyTorch {row['samples']}",
+                        "onnx_top5": None}
+    finally:
+        if exporting:
+            cb.keep_quantized = keep
+            if not keep:
+                cb.restore()
+    if onnx and wb is None:
+        row |= {"onnx_top1": "float run: nothing quantized to export", "onnx_top5": None}
     report = cb.report if cb is not None and wb is not None else None
     if report is not None and writes:
         (run_dir / "vquant_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -196,21 +284,33 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     }
 
 
+def columns(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The table's columns and headers: `COLUMNS`, with `ONNX_COLUMNS` after `top5` when a
+    row has them (a sweep with `--onnx`)."""
+    if not any("onnx_top1" in r for r in rows):
+        return COLUMNS, HEADERS
+    i = COLUMNS.index("top5") + 1
+    return COLUMNS[:i] + ONNX_COLUMNS + COLUMNS[i:], HEADERS[:i] + ONNX_HEADERS + HEADERS[i:]
+
+
 def _cell(row: dict, column: str) -> str:
     value = row.get(column)
     if value is None:
         return "-"
-    if column in ("top1", "top5") and row.get("scored_by") == "float agreement":
+    scores = ("top1", "top5", "onnx_top1", "onnx_top5")
+    if column in scores and isinstance(value, float) and row.get("scored_by") == "float agreement":
         return f"{value} agreement"  # not a top-1 against labels
     return str(value).replace("|", "/").replace("\n", " ")
 
 
 def markdown(rows: list[dict]) -> str:
     """The results table in Markdown (missing values as `-`; a row scored against the float
-    model shows its top-1/top-5 as `... agreement`)."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    model shows its top-1/top-5 as `... agreement`; with `--onnx`, the onnxruntime columns
+    after top-5, a row without their scores saying why in the cell)."""
+    names, headers = columns(rows)
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     for r in rows:
-        cells = [_cell(r, c) for c in COLUMNS]
+        cells = [_cell(r, c) for c in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -221,7 +321,7 @@ def write_results(rows: list[dict], out: Path) -> list[Path]:
 
     (out / "results.md").write_text(markdown(rows) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns(rows)[0], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     written = [out / "results.md", out / "results.csv"]
@@ -276,8 +376,7 @@ def run_names(configs: list[Path], out: Path | None = None) -> list[str]:
 
 
 def _failed_row(config: Path, err: BaseException) -> dict:
-    reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    return {"config": config.stem, "status": f"failed: {reason[:300]}", "_weight_bits": None}
+    return {"config": config.stem, "status": f"failed: {_first_line(err)}", "_weight_bits": None}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -290,15 +389,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--against-float", action="store_true",
                         help="score every run against its model's float logits (agreement, KL, cosine), "
                              "also on labeled data")
+    parser.add_argument("--onnx", action="store_true",
+                        help="export each quantized run to <run>/model.onnx and add its top-1/top-5 in onnxruntime, "
+                             "on the same test images, beside PyTorch's (needs the export extra)")
     args, overrides = parser.parse_known_args(argv)
     configs = _configs(args.configs, parser)
+    if args.onnx:
+        from ..export import require_onnx
+
+        try:
+            require_onnx()
+        except ImportError as err:
+            parser.error(f"--onnx: {err}")
     from .app import quiet_lightning
 
     with quiet_lightning():
-        return _sweep(configs, overrides, Path(args.out), args.fail_fast, args.against_float)
+        return _sweep(configs, overrides, Path(args.out), args.fail_fast, args.against_float, args.onnx)
 
 
-def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool, against_float: bool) -> list[dict]:
+def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool, against_float: bool,
+           onnx: bool = False) -> list[dict]:
     zero = _global_zero()  # under DDP the other ranks run every config too, and neither print nor write
 
     def say(text: str) -> None:
@@ -318,7 +428,7 @@ def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool
         say(f"[{i}/{len(configs)}] {name}: running ...")
         start = time.perf_counter()
         try:
-            row = run_config(config, overrides, cache, out / name, against_float)
+            row = run_config(config, overrides, cache, out / name, against_float, onnx)
         except KeyboardInterrupt:
             write(rows)
             say(f"interrupted; {len(rows)} finished run(s) are in {out / 'results.md'}")
@@ -338,6 +448,8 @@ def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool
             score = f"top-1 {row['top1']}  top-5 {row['top5']}"
         else:
             score = f"agreement {row['top1']}  top-5 agreement {row['top5']}  KL {row['kl']}  cosine {row['cosine']}"
+        if "onnx_top1" in row:
+            score += f"  onnxruntime: {_cell(row, 'onnx_top1')} / {_cell(row, 'onnx_top5')}"
         say(f"[{i}/{len(configs)}] {name}: {score}  "
             f"({row['samples']} images, {row['skipped']} skipped, {time.perf_counter() - start:.0f} s)")
     written = write(rows)
