@@ -286,3 +286,63 @@ def test_callback_exports_on_rank_zero_after_quantizing(tmp_path):
         pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                    callbacks=[again]).test(module)
     assert not vq.is_quantized(module.net)
+
+
+def _cli_config(path, extra: str = "") -> str:
+    path.write_text(f"""model:
+  model: pytorchcv:resnet10
+  pretrained: false
+data:
+  root: {SAMPLE}
+  limit: 4
+  batch_size: 2
+  num_workers: 0
+quant:
+  weight_bits: 8
+  act_bits: 8
+  probe_shape: [2, 3, 224, 224]
+  verbose: false
+{extra}trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+""")
+    return str(path)
+
+
+def test_vquant_export_writes_a_checked_file_never_over_one(tmp_path, capsys):
+    from vquant_pl.cli.app import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--config", _cli_config(tmp_path / "c.yaml"), "--out", str(out)]) == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: onnxruntime vs PyTorch" in printed and "conv" in printed
+    data = out.read_bytes()
+    assert main(["export", "--config", _cli_config(tmp_path / "c.yaml"), f"--out={out}"]) == 2
+    assert f"{out} exists" in capsys.readouterr().err and out.read_bytes() == data
+    assert main(["export", "--help"]) == 0 and "--out is required" in capsys.readouterr().out
+
+
+def test_vquant_export_errors_name_the_reason_and_write_nothing(tmp_path, capsys):
+    from vquant_pl.cli.app import main
+
+    out = tmp_path / "m.onnx"
+    config = _cli_config(tmp_path / "bc.yaml", "  bias_correction: true\n")
+    assert main(["export", "--config", config, "--out", str(out)]) == 2
+    assert "bias_correction=True" in capsys.readouterr().err and not out.exists()
+    config = _cli_config(tmp_path / "e.yaml", f"  export: {tmp_path / 'other.onnx'}\n")
+    assert main(["export", "--config", config, "--out", str(out)]) == 2
+    assert "drop quant.export" in capsys.readouterr().err and not out.exists()
+
+
+def test_vquant_export_calibrates_a_data_driven_range_on_the_data_module(tmp_path, capsys):
+    if not SAMPLE.is_dir():
+        pytest.skip(f"ImageNet sample not found at {SAMPLE}")
+    from vquant_pl.cli.app import main
+
+    out = tmp_path / "p.onnx"
+    config = _cli_config(tmp_path / "p.yaml")
+    assert main(["export", "--config", config, "--out", str(out), "--quant.act_range", "percentile"]) == 0
+    assert out.is_file() and "wrote" in capsys.readouterr().out

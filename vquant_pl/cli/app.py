@@ -291,34 +291,64 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+EXPORT_USAGE = "vquant export --config CONFIG --out model.onnx [--GROUP.OPTION VALUE ...]"
+
+
+def _export_error(text: str) -> int:
+    print(f"vquant export: error: {text}", file=sys.stderr)
+    return 2
+
+
 def export_main(argv: list[str]) -> int:
     """`vquant export --config NAME --out model.onnx [--model.* / --quant.* overrides]`: the
-    config's model, quantized by its `quant` settings (data-free), written by
-    `vquant_pl.export_onnx` and checked in onnxruntime on one random batch; never over a file."""
+    config's model, quantized by its `quant` settings as `vquant test` quantizes it (its
+    `quant.target`; a data-driven `act_range` calibrated on the data module's validation
+    images), written by `vquant_pl.export_onnx` and checked in onnxruntime on one random
+    batch; never over a file. Returns the exit status (2: a bad argument or a model that
+    cannot be exported, with the reason)."""
     import torch
 
     from ..export import export_onnx, require_onnx
+    from ..methods.table import METHODS
     from ..quantize import quantize_model
 
+    if not argv or "-h" in argv or "--help" in argv:
+        print(f"usage: {EXPORT_USAGE}\n\n{EXTRA_COMMANDS['export']}\n--out is required and never overwritten; "
+              "every other option is one of `vquant test --help`.")
+        return 0 if argv else 2
+    argv = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--out=") else [arg])]
     if "--out" not in argv or argv.index("--out") + 1 >= len(argv):
-        print("vquant export: error: --out model.onnx is required", file=sys.stderr)
-        return 2
+        return _export_error("--out model.onnx is required")
     i = argv.index("--out")
     out, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
-    require_onnx()
+    try:
+        require_onnx()
+    except ImportError as err:
+        return _export_error(str(err))
     if out.exists():
-        print(f"vquant export: error: {out} exists; choose another --out", file=sys.stderr)
-        return 2
-    cli = make_cli(rest, run=False, save_config=False)
+        return _export_error(f"{out} exists; choose another --out")
+    try:
+        cli = make_cli(rest, run=False, save_config=False)
+    except FileNotFoundError as err:
+        return _export_error(str(err))
     callback = next((c for c in cli.trainer.callbacks if hasattr(c, "config") and hasattr(c, "export")), None)
     if callback is None or callback.config is None:
-        print("vquant export: error: the config quantizes nothing (quant.weight_bits is null)", file=sys.stderr)
-        return 2
-    model = cli.model.model.eval()
+        return _export_error("the config quantizes nothing (quant.weight_bits is null)")
+    if callback.export is not None:  # never a setting accepted and then ignored
+        return _export_error(f"quant.export={callback.export!r} is the callback's file (written during `vquant test`); "
+                             "vquant export writes --out only: drop quant.export")
+    config = callback.config
+    calibration = None
+    if config.quantizes_activations and METHODS[config.act_range].calibrated:  # as the callback calibrates
+        calibration = cli.datamodule.val_dataloader()
     prep = cli.model.preprocessing
     size = tuple(prep.input_size) if prep is not None else (224, 224)
-    quantize_model(model, probe=callback.probe, config=callback.config)
-    report = export_onnx(model, out, torch.rand(2, 3, *size))
+    cli.model.eval()
+    try:
+        quantize_model(callback.target_module(cli.model), probe=callback.probe, calibration=calibration, config=config)
+        report = export_onnx(cli.model.model, out, torch.rand(2, 3, *size))
+    except ValueError as err:  # a setting or layer that cannot be quantized or written, named
+        return _export_error(str(err))
     print(report.table())
     print(f"wrote {out}: onnxruntime vs PyTorch on a random batch, largest output difference "
           f"{report.max_abs_diff:.3g}; integer kernels: {len(report.integer_layers)} of {len(report.layers)} layers")
