@@ -100,6 +100,10 @@ class VQuantCallback(pl.Callback):
             raise ValueError(f"target must be a submodule name (str) or None, got {target!r}")
         self.probe = probe
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
+        if export is not None and self.config is not None and self.config.bias_correction:
+            raise ValueError(f"VQuantCallback(export={export!r}) with bias_correction=True: ACIQ's per-channel "
+                             "weight correction moves the weights off their integer grid, so there are no integer "
+                             "codes to export; quantize without it or drop export")
         self.export, self.export_report = export, None
         self._export_hook = None
         self._quantized: nn.Module | None = None  # the module this callback quantized

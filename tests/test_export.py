@@ -346,3 +346,11 @@ def test_vquant_export_calibrates_a_data_driven_range_on_the_data_module(tmp_pat
     config = _cli_config(tmp_path / "p.yaml")
     assert main(["export", "--config", config, "--out", str(out), "--quant.act_range", "percentile"]) == 0
     assert out.is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_callback_refuses_export_with_bias_correction_when_built(tmp_path):
+    # raised before any quantization (it used to fail inside the first forward, after the work)
+    with pytest.raises(ValueError, match=r"export=.*bias_correction=True.*no integer codes"):
+        vq.VQuantCallback(4, 4, bias_correction=True, export=str(tmp_path / "x.onnx"))
+    assert vq.VQuantCallback(4, 4, bias_correction=True).config.bias_correction  # without export: allowed
+    assert vq.VQuantCallback(None, 4, bias_correction=True, export=str(tmp_path / "x.onnx")).config is None  # float
