@@ -167,6 +167,24 @@ def _scores(logits: Tensor, ref_logp: Tensor, labels: Tensor | None) -> tuple[fl
 
 
 @torch.no_grad()
+def _transformed_copy(model: nn.Module, images: Tensor, labels: Tensor | None, settings: dict):
+    """Checked inputs; a copy of `model` with the config's pre-quantization transforms applied
+    for good (the float reference is the transformed model), the config without them, and
+    the copy's quantizable layers."""
+    from .. import quantize as qz
+    from ..config import QuantConfig
+
+    if images.dim() < 2 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    work = copy.deepcopy(model).eval()
+    config = QuantConfig.from_kwargs(**settings)
+    qz.apply_transforms(work, config, save=lambda module, name: True)
+    return work, config.replace(equalize=False, weight_clip=False), qz.quantizable_layers(work)
+
+
+@torch.no_grad()
 def analyze(model: nn.Module, images: Tensor, labels: Tensor | None = None, batch_size: int = 32,
             **settings) -> SensitivityReport:
     """Measure each layer's sensitivity to quantization, one layer at a time.
@@ -195,18 +213,8 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor | None = None, batc
         ['0', '3']
     """
     from .. import quantize as qz
-    from ..config import QuantConfig
 
-    if images.dim() < 2 or len(images) == 0:
-        raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    work = copy.deepcopy(model).eval()
-    config = QuantConfig.from_kwargs(**settings)
-    # the transforms on the copy, for good: the float reference is the transformed model
-    qz.apply_transforms(work, config, save=lambda module, name: True)
-    config = config.replace(equalize=False, weight_clip=False)
-    layers = qz.quantizable_layers(work)
+    work, config, layers = _transformed_copy(model, images, labels, settings)
     float_logits = _logits(work, images, batch_size)
     ref_logp = F.log_softmax(float_logits.float(), 1)
     float_top1 = None if labels is None else float((float_logits.argmax(1) == labels).float().mean())
@@ -336,21 +344,12 @@ def error_kinds(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
         ('full setting', 'weights only (bias-corrected)')
     """
     from .. import quantize as qz
-    from ..config import QuantConfig
     from ..layers import QUANTIZABLE, in_channels, input_channel_dim
     from ..methods.bn_graph import DEFAULT_BN_K, bn_stats
     from ..methods.channels import bn_channel_quantizer
     from ..ops.affine import ActivationQuantizer
 
-    if images.dim() < 2 or len(images) == 0:
-        raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    work = copy.deepcopy(model).eval()
-    config = QuantConfig.from_kwargs(**settings)
-    qz.apply_transforms(work, config, save=lambda module, name: True)
-    config = config.replace(equalize=False, weight_clip=False)
-    layers = qz.quantizable_layers(work)
+    work, config, layers = _transformed_copy(model, images, labels, settings)
     ref_logp = F.log_softmax(_logits(work, images, batch_size).float(), 1)
     rows: list[ErrorKind] = []
 
