@@ -276,6 +276,7 @@ def test_read_only_folder_without_a_build_falls_back_with_one_warning(monkeypatc
     mount) without a finished build: the PyTorch path and one warning naming the folder, no
     OSError on the lock file."""
     root = Path(tempfile.mkdtemp(prefix="vquant-ro-"))  # not under pytest's 0700 tmp root: nobody reads it
+    sources = None
     try:
         root.chmod(0o755)
         name = build.build_name("cpu")
@@ -284,6 +285,16 @@ def test_read_only_folder_without_a_build_falls_back_with_one_warning(monkeypatc
         folder.chmod(0o555)  # root's 0555 stops nobody; our own 0555 stops us
         monkeypatch.setenv("VQUANT_BUILD_DIR", str(root))
         monkeypatch.delenv("VQUANT_BACKEND", raising=False)
+        # the child runs as nobody, who may not read the checkout (a clone under a 0700 mktemp
+        # folder): it hashes a world-readable copy of the sources, which gives the same name
+        sources = Path(tempfile.mkdtemp(prefix="vquant-src-"))
+        sources.chmod(0o755)
+        for path in build.source_dir().iterdir():
+            if path.is_file():
+                shutil.copy(path, sources / path.name)
+                (sources / path.name).chmod(0o644)
+        monkeypatch.setattr(build, "source_dir", lambda: sources)
+        assert build.build_name("cpu") == name
         monkeypatch.setitem(kernels._state, "cpu", None)
         monkeypatch.setitem(kernels.attempts, "cpu", 0)
         monkeypatch.setattr(build, "_compile", lambda *a, **k: pytest.fail("compiled into a read-only folder"))
@@ -305,3 +316,5 @@ def test_read_only_folder_without_a_build_falls_back_with_one_warning(monkeypatc
     finally:
         folder.chmod(0o755)
         shutil.rmtree(root)
+        if sources is not None:
+            shutil.rmtree(sources, ignore_errors=True)
