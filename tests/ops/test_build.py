@@ -294,6 +294,8 @@ def test_read_only_folder_without_a_build_falls_back_with_one_warning(monkeypatc
                 shutil.copy(path, sources / path.name)
                 (sources / path.name).chmod(0o644)
         monkeypatch.setattr(build, "source_dir", lambda: sources)
+        version = build.package_version()  # nor, then, the installed package's metadata
+        monkeypatch.setattr(build, "package_version", lambda: version)
         assert build.build_name("cpu") == name
         monkeypatch.setitem(kernels._state, "cpu", None)
         monkeypatch.setitem(kernels.attempts, "cpu", 0)
