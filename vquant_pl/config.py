@@ -96,11 +96,12 @@ class QuantConfig:
         aciq_cap: keep ACIQ ranges inside the tensor's observed (probe) or known (BatchNorm:
             a ReLU6's 6) ``[min, max]`` (the original's ``clip2max``, off in its runs).
         mixed_precision: a separate, labelled recipe, not the uniform rules: per-layer bits on
-            the uniform budget, chosen from the BatchNorm-derived output noise-to-signal ratio of
-            each layer (``methods.bit_budget``): ``weights`` (weight bits averaging at most
-            ``weight_bits`` by parameter count; inputs uniform), ``all`` (also input bits
-            averaging at most ``act_bits`` by elements per image; needs BatchNorm ranges), or
-            None (uniform bits; the default).
+            the uniform budget (``methods.bit_budget``): ``weights`` (weight bits from each
+            layer's BatchNorm-derived output noise-to-signal ratio, averaging ``weight_bits``
+            by parameter count; inputs uniform), ``all`` (also input bits, from the noise each
+            input adds to the outputs, averaging ``act_bits`` by elements per image; needs
+            BatchNorm ranges), or None (uniform bits; the default). Averages are exact where
+            up to three one-bit moves can make them so, else below by less than one step.
         mixed_min_bits: the fewest bits one layer gets under ``mixed_precision`` (2..8).
 
     Raises:

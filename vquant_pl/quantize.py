@@ -201,9 +201,9 @@ def _union_of_calls(stats: list, bits: int, config: QuantConfig, method: RangeMe
     return ActivationQuantizer(bits, *union_range([method.range_from_bn(s, bits, config, layer) for s in stats]))
 
 
-def _allocate_bits(model: nn.Module, plan: _Plan) -> None:
+def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> None:
     """`mixed_precision`: per-layer weight (and input) bits on the uniform budget (`methods.bit_budget`)."""
-    from .methods.bit_budget import allocate
+    from .methods.bit_budget import GAIN_PROBES, allocate
     from .methods.bn_graph import bn_stats
     from .probe import default_probe_shape
 
@@ -211,15 +211,25 @@ def _allocate_bits(model: nn.Module, plan: _Plan) -> None:
     stats = bn_stats(model, [name for name, _ in plan.layers])
     shape = (1, *(config.probe_shape or default_probe_shape(model, first))[1:])
     example = torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype)  # shapes only
+    inputs = config.mixed_precision == "all"
+    gain_probe = None
+    if inputs:  # the output gains of the inputs are measured on the run's probe (its first samples)
+        given = probe if probe is not None else Probe(config.probe_seed, config.probe_shape)
+        if isinstance(given, Probe) and given.shape is None:
+            given = Probe(given.seed, (GAIN_PROBES, *default_probe_shape(model, first)[1:]))
+        gain_probe = make_probe(given, model, first, first.weight.device, first.weight.dtype)[:GAIN_PROBES]
     alloc = allocate(model, plan.layers, stats, config.weight_bits, plan.act_bits,
-                     config.act_bits if config.mixed_precision == "all" else None,
+                     config.act_bits if inputs else None,
                      lambda s, b, layer: method.range_from_bn(s, b, config, layer), example, config.mixed_min_bits,
-                     config.rounding, plan.backend)
+                     config.rounding, plan.backend, gain_probe)
     plan.weight_bits, plan.act_bits = alloc.weight_bits, alloc.act_bits
 
 
 def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, calibration) -> _Plan:
     layers = _check_model(model)
+    if isinstance(probe, Tensor) and probe.is_meta:
+        raise ValueError(f"the probe of shape {tuple(probe.shape)} is on the meta device and holds no values; pass "
+                         "a real tensor (or a vquant_pl.Probe)")
     quantized = _looks_quantized(layers)
     if quantized is not None:
         warnings.warn(f"the weights of layer {quantized[0]!r} hold at most {quantized[1]} distinct values per output "
@@ -233,7 +243,7 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
             for what, t in module.named_parameters(prefix=owner, recurse=False):
                 plan.readers.setdefault(storage_key(t), []).append(what)
     if config.mixed_precision is not None:
-        _allocate_bits(model, plan)
+        _allocate_bits(model, plan, probe)
     if not config.quantizes_activations:
         return plan
     if plan.method.calibrated:
@@ -249,9 +259,6 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
             return plan  # every layer ranged from BatchNorm: no probe at all
     if probe is None:
         probe = Probe(config.probe_seed, config.probe_shape)
-    if isinstance(probe, Tensor) and probe.is_meta:
-        raise ValueError(f"the probe of shape {tuple(probe.shape)} is on the meta device and holds no values; pass "
-                         "a real tensor (or a vquant_pl.Probe)")
     plan.probe_info = ({"seed": probe.seed, "shape": list(probe.shape) if probe.shape else None}
                        if isinstance(probe, Probe) else None)
     plan.probe = make_probe(probe, model, layers[0][1], device, layers[0][1].weight.dtype)

@@ -6,8 +6,8 @@ from torch import nn
 import vquant_pl as vq
 from vquant_pl.config import QuantConfig
 from vquant_pl.layers import quantizable_layers
-from vquant_pl.methods.bit_budget import allocate, greedy_bits, input_nsr, weight_nsr
-from vquant_pl.methods.bn_graph import ChannelStats, bn_stats, stats_range
+from vquant_pl.methods.bit_budget import allocate, exact_fill, greedy_bits, input_noise, output_gains, weight_nsr
+from vquant_pl.methods.bn_graph import bn_stats, stats_range
 
 
 def _net() -> nn.Module:
@@ -33,7 +33,9 @@ def test_greedy_bits_known_answer_and_budget():
     costs = [10, 3, 7]
     nsr = torch.tensor([[2.0 ** (-2 * b) * s for b in range(2, 9)] for s in (1.0, 100.0, 10.0)], dtype=torch.float64)
     bits = greedy_bits(nsr, costs, 4, 2)
-    assert sum(c * b for c, b in zip(costs, bits)) <= 4 * sum(costs)
+    # 1 unit is left, which no three one-bit moves of costs 10, 3, 7 spend: kept below, never above
+    assert sum(c * b for c, b in zip(costs, bits)) == 4 * sum(costs) - 1
+    assert sum(c * b for c, b in zip([10, 3, 8], greedy_bits(nsr, [10, 3, 8], 4, 2))) == 4 * 21  # spent exactly
     assert bits[1] == max(bits) and bits[0] == min(bits)
     with pytest.raises(ValueError, match="min_bits 5"):
         greedy_bits(nsr, costs, 4, 5)
@@ -44,11 +46,55 @@ def test_nsr_falls_with_bits():
     layer = net[6]
     s = bn_stats(net, ["6"])["6"]
     w = weight_nsr(layer, s)
-    a = input_nsr(layer, s, lambda b: stats_range(s, 3.0))
-    assert w.shape == a.shape == (7,)
+    a = input_noise(s, lambda b: stats_range(s, 3.0))
+    assert w.shape == (7,) and a.shape == (7, 16)
     assert bool((w[1:] < w[:-1]).all()) and bool((a[1:] < a[:-1]).all())
     # about 4x less weight noise per bit (uniform rounding noise of step 2^-b)
     assert 2.5 < float(w[2] / w[3]) < 6.5
+
+
+def test_exact_fill_spends_the_rest_with_the_cheapest_moves():
+    nsr = torch.tensor([[4.0, 2.0, 1.0], [4.0, 2.0, 1.0], [40.0, 20.0, 10.0]], dtype=torch.float64)
+    # 2 budget units left, costs 3/5/7: only "+1 on layer 1 (cost 5), -1 on layer 0 (cost 3)" spends 2
+    assert exact_fill(nsr, [1, 0, 1], [3, 5, 7], 2, 0) == [0, 1, 1]
+    # the cheapest of two exact solutions (lowering layer 2 costs 10x more NSR than layer 0)
+    assert exact_fill(nsr, [1, 1, 1], [4, 4, 4], 4, 0) in ([1, 1, 2], [1, 2, 1], [2, 1, 1])
+    assert exact_fill(nsr, [1, 1, 1], [4, 4, 4], 4, 0)[2] == 2  # +1 where the NSR gain is largest
+    # nothing spends 1 with costs 4/6: unchanged (the average stays below the target)
+    assert exact_fill(nsr[:2], [1, 1], [4, 6], 1, 0) == [1, 1]
+    # never below the lowest candidate
+    assert exact_fill(nsr[:2], [0, 1], [3, 5], 2, 0) == [0, 1]
+
+
+def test_output_gains_is_the_squared_jacobian():
+    # outputs = w2 . mean_hw(W1 x): a channel's gain at the Linear input is w2_c^2; at the conv
+    # input, summed over its H*W positions, (w2 W1)_c^2 / (H*W). One output: Hutchinson is exact.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 1, bias=False)).train()
+    layers = quantizable_layers(net)
+    g = output_gains(net, layers, torch.rand(5, 3, 6, 6), chunk=2)
+    w1, w2 = net[0].weight.detach().reshape(4, 3), net[3].weight.detach().reshape(4)
+    assert torch.allclose(g["3"], w2 ** 2, rtol=1e-5)
+    assert torch.allclose(g["0"], (w2 @ w1) ** 2 / 36, rtol=1e-5)
+    assert net.training and all(p.grad is None for p in net.parameters())  # mode kept, no .grad written
+
+
+def test_allocate_gives_input_bits_where_the_outputs_are_sensitive():
+    net = _net()
+    layers = quantizable_layers(net)
+    stats = bn_stats(net, [n for n, _ in layers])
+    with pytest.raises(ValueError, match="probe"):
+        allocate(net, layers, stats, 4, [None, 4, 4, 8], 4, lambda s, b, layer: stats_range(s, 3.0),
+                 torch.zeros(1, 3, 8, 8))
+    with torch.no_grad():  # the depthwise output is scaled down 1000x by its BatchNorm: its input matters least
+        net[4].weight.mul_(1e-3)
+    alloc = allocate(net, layers, bn_stats(net, [n for n, _ in layers]), 4, [None, 4, 4, 8], 4,
+                     lambda s, b, layer: stats_range(s, 3.0), torch.zeros(1, 3, 8, 8), min_bits=2,
+                     probe=torch.rand(4, 3, 8, 8))
+    assert alloc.act_bits[0] is None and alloc.act_bits[3] == 8
+    assert alloc.act_bits[1] < 4 < alloc.act_bits[2]
+    assert alloc.act_average == 4.0  # equal element counts: the two free inputs average exactly 4
 
 
 def test_allocate_keeps_the_average_and_the_rules():
@@ -56,10 +102,11 @@ def test_allocate_keeps_the_average_and_the_rules():
     layers = quantizable_layers(net)
     stats = bn_stats(net, [n for n, _ in layers])
     alloc = allocate(net, layers, stats, 4, [None, 4, 4, 8], 4, lambda s, b, layer: stats_range(s, 3.0),
-                     torch.zeros(1, 3, 8, 8), min_bits=2)
+                     torch.zeros(1, 3, 8, 8), min_bits=2, probe=torch.rand(4, 3, 8, 8))
     assert alloc.params == [432, 144, 1024, 640]
     assert alloc.elements == [3 * 64, 16 * 64, 16 * 64, 64]
-    assert sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) <= 4 * sum(alloc.params)
+    assert 4 * sum(alloc.params) - 16 <= sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) <= 4 * sum(alloc.params)
+    # (16 left: no three one-bit moves of 432, 144, 1024, 640 parameters spend it)
     assert alloc.weight_average == pytest.approx(
         sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) / sum(alloc.params))
     assert alloc.weight_average > 3.9  # the budget is spent
@@ -89,7 +136,7 @@ def test_quantize_model_mixed_all_moves_input_bits():
     rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="all", mixed_min_bits=2))
     acts = [r.act_bits for r in rep.layers]
     assert acts[0] is None and acts[3] == 8
-    assert acts[1] + acts[2] <= 8  # equal element counts: the two free inputs average at most 4
+    assert acts[1] + acts[2] == 8  # equal element counts: the two free inputs average exactly 4
     vq.restore_model(net)
 
 

@@ -1,21 +1,31 @@
-"""Mixed precision on a fixed bit budget: per-layer weight and input bits from BatchNorm statistics.
+"""Mixed precision on a fixed bit budget: per-layer weight and input bits, data-free.
 
-Each quantized layer's output noise-to-signal ratio (NSR) is estimated data-free, for every
+Weights: each quantized layer's output noise-to-signal ratio (NSR) is estimated, for every
 candidate bit width, from the weights and the per-channel input distribution that BatchNorm
 statistics carry to the layer (`bn_graph.bn_stats`: mean `mu_i`, std `s_i`, clipped by ReLU):
 
     signal_o  = (sum_i W[o, i, :].sum() mu_i)^2 + sum_i ||W[o, i, :]||^2 s_i^2
-    weights:  noise_o = sum_i ||Wq[o, i, :] - W[o, i, :]||^2 s_i^2   (the mean part is bias-corrected)
-    inputs:   noise_o = sum_i ||W[o, i, :]||^2 E[(Q_b(x_i) - x_i)^2]  (x_i sampled from the BN normal)
+    noise_o   = sum_i ||Wq[o, i, :] - W[o, i, :]||^2 s_i^2   (the mean part is bias-corrected)
     NSR(b)    = mean_o noise_o / signal_o
 
-and, as for layers in series the output NSR is about the sum of the layers' NSRs, the bits
-minimize `sum_l NSR_l(b_l)` under the budget `sum_l n_l b_l <= target * sum_l n_l`, with
-`n_l` the layer's parameter count (weights) or its input's element count per image
-(activations): a greedy on the marginal NSR gain per budget bit, from `min_bits` up, which
-spends the budget to within one layer's smallest step. Layers whose input bits are fixed by
-the rules (the first layer's float input, the last layer's 8 bits) or that no BatchNorm
-feeds keep their bits and are outside the activation budget.
+Inputs: a layer's own NSR does not say what its input noise does to the outputs (noise
+on the first blocks' inputs reaches the logits hundreds of times more strongly than its
+NSR says, noise near the head about as strongly). The cost of quantizing input channel `c`
+of layer `l` at `b` bits is the noise it adds to the outputs,
+
+    cost_l(b) = sum_c G_lc * E[(Q_b(x_c) - x_c)^2]
+
+with `E[...]` from the BatchNorm normal of `x_c` (`input_noise`) and `G_lc` the summed
+squared Jacobian of the outputs with respect to that channel (`output_gains`, Hutchinson's
+estimator on the run's probe: seeded uniform noise, no dataset information).
+
+The bits minimize the summed cost under the budget `sum_l n_l b_l = target * sum_l n_l`,
+with `n_l` the layer's parameter count (weights) or its input's element count per image
+(activations): a greedy on the marginal gain per budget bit, from `min_bits` up, then up
+to three one-bit moves that spend the rest exactly where such moves exist (`exact_fill`;
+otherwise the average stays below the target by less than one layer's step). Layers whose
+input bits are fixed by the rules (the first layer's float input, the last layer's 8 bits)
+or that no BatchNorm feeds keep their bits and are outside the activation budget.
 """
 from __future__ import annotations
 
@@ -30,10 +40,13 @@ from ..ops.weights import quantize_weight
 from .bn_graph import ChannelStats
 from .bn_mse import sample_stats
 
-__all__ = ["Allocation", "allocate", "weight_nsr", "input_nsr", "greedy_bits"]
+__all__ = ["Allocation", "allocate", "exact_fill", "greedy_bits", "input_noise", "output_gains", "weight_nsr"]
 
 #: The candidate bit widths.
 CANDIDATE_BITS = tuple(range(2, 9))
+#: Probe samples on which `output_gains` is estimated (measured: 32 and 64 give the same
+#: allocation quality on EfficientNet-Lite0; docs/w4a4.md).
+GAIN_PROBES = 32
 
 
 @dataclass
@@ -90,27 +103,63 @@ def weight_nsr(layer: nn.Module, stats: ChannelStats | None, bits: tuple[int, ..
     return torch.tensor(out, dtype=torch.float64)
 
 
-def input_nsr(layer: nn.Module, stats: ChannelStats, range_fn, bits: tuple[int, ...] = CANDIDATE_BITS,
-              samples: int = 512) -> Tensor:
-    """The layer's output NSR from quantizing its input at each of `bits`; `range_fn(bits)`
-    gives the `(lo, hi, signed)` the run would use."""
-    weight = layer.weight.detach()
-    mean, var = _input_moments(layer, stats)
-    signal = _signal(weight, layer, mean, var).clamp_min(1e-30)
+def input_noise(stats: ChannelStats, range_fn, bits: tuple[int, ...] = CANDIDATE_BITS,
+                samples: int = 512) -> Tensor:
+    """`[len(bits), C]`: per input channel, the mean squared error of quantizing the input
+    at each of `bits` (x sampled from the BatchNorm normal; `range_fn(bits)` gives the
+    `(lo, hi, signed)` the run would use)."""
     x = sample_stats(stats, samples, 0)  # [C, n]
-    w2 = weight.float().reshape(weight.shape[0], weight.shape[1] if weight.dim() > 1 else 1, -1).pow(2).sum(2)
-    out = []
-    for b in bits:
-        q = ActivationQuantizer(b, *range_fn(b))(x)
-        e = _per_pair(weight, layer, (q - x).pow(2).mean(1))
-        out.append(float(((w2 * e).sum(1) / signal).mean()))
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.stack([(ActivationQuantizer(b, *range_fn(b))(x) - x).pow(2).mean(1) for b in bits])
+
+
+def output_gains(model: nn.Module, layers: list[tuple[str, nn.Module]], probe: Tensor,
+                 chunk: int = 8, seed: int = 0) -> dict[str, Tensor]:
+    """Per layer, per input channel: how much a unit of independent noise variance on every
+    element of that channel adds to the summed variance of the model's outputs.
+
+    That is the diagonal of `J^T J` (J the Jacobian of the outputs with respect to the
+    layer input) summed over the channel's positions, estimated with Hutchinson's
+    estimator: the gradient of `<outputs, v>` for a random sign vector `v` per sample has
+    that second moment. The model is evaluated on `probe` (no dataset information: the
+    run's seeded uniform noise); a layer called more than once per forward adds its calls.
+    """
+    grads: dict[str, Tensor] = {}
+    inputs: list[tuple[str, Tensor]] = []
+
+    def keep(name):
+        def hook(module, args):
+            if args and isinstance(args[0], Tensor) and args[0].requires_grad:
+                inputs.append((name, args[0]))
+        return hook
+
+    generator = torch.Generator().manual_seed(seed)
+    handles = [layer.register_forward_pre_hook(keep(name)) for name, layer in layers]
+    training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            for start in range(0, len(probe), chunk):
+                inputs.clear()
+                x = probe[start:start + chunk].detach().requires_grad_(True)
+                out = model(x)
+                v = torch.randint(0, 2, out.shape, generator=generator).to(out) * 2 - 1
+                found = torch.autograd.grad((out * v).sum(), [t for _, t in inputs], allow_unused=True)
+                for (name, _), g in zip(inputs, found):
+                    if g is not None:
+                        g2 = g.detach().float().pow(2).transpose(0, 1).reshape(g.shape[1], -1).sum(1)
+                        grads[name] = grads.get(name, 0) + g2
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return {name: g / len(probe) for name, g in grads.items()}
 
 
 def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
                 bits: tuple[int, ...] = CANDIDATE_BITS) -> list[int]:
     """Bits per row of `nsr [L, len(bits)]` minimizing the NSR sum with `sum cost * bits <=
-    target * sum cost`, each from `min_bits` up.
+    target * sum cost`, each from `min_bits` up: a greedy on the NSR gain per budget bit,
+    then `exact_fill` to spend what is left exactly when up to three one-bit moves can.
 
     Raises:
         ValueError: `min_bits` above `target`, or not a candidate.
@@ -133,9 +182,53 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
             if best is None or g > gain:
                 best, gain = l, g
         if best is None:
-            return [bits[p] for p in pos]
+            break
         left -= costs[best] * (bits[pos[best] + 1] - bits[pos[best]])
         pos[best] += 1
+    return [bits[p] for p in exact_fill(nsr, pos, costs, left, bits.index(min_bits))]
+
+
+def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest: int) -> list[int]:
+    """Positions (indices into the candidate widths) that spend the `left` budget exactly:
+    the up-to-three one-step moves (up or down, on distinct layers, never below `lowest`)
+    whose costs sum to `left` and that add the least NSR; `pos` unchanged when none exist
+    (the budget is then kept, short by `left`).
+
+    Example:
+        >>> exact_fill(torch.tensor([[2., 1., .5], [2., 1., .5]]), [1, 0], [3, 5], 2, 0)  # +5 -3
+        [0, 1]
+    """
+    if left == 0:
+        return pos
+    moves = []  # (cost change, NSR change, layer, step)
+    for l, (c, p) in enumerate(zip(costs, pos)):
+        if p + 1 < nsr.shape[1]:
+            moves.append((c, float(nsr[l, p + 1] - nsr[l, p]), l, 1))
+        if p - 1 >= lowest:
+            moves.append((-c, float(nsr[l, p - 1] - nsr[l, p]), l, -1))
+    best: tuple | None = None
+    for m in moves:
+        if m[0] == left and (best is None or m[1] < best[0]):
+            best = (m[1], (m,))
+    pairs: dict[int, tuple] = {}
+    for i, a in enumerate(moves):
+        for b in moves[i + 1:]:
+            if a[2] != b[2]:
+                key, d = a[0] + b[0], a[1] + b[1]
+                if key == left and (best is None or d < best[0]):
+                    best = (d, (a, b))
+                if key not in pairs or d < pairs[key][0]:
+                    pairs[key] = (d, (a, b))
+    for m in moves:
+        hit = pairs.get(left - m[0])
+        if hit is not None and m[2] not in (hit[1][0][2], hit[1][1][2]) and (best is None or hit[0] + m[1] < best[0]):
+            best = (hit[0] + m[1], (m, *hit[1]))
+    if best is None:
+        return pos
+    out = list(pos)
+    for _, _, l, step in best[1]:
+        out[l] += step
+    return out
 
 
 def _input_elements(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Tensor) -> list[int]:
@@ -158,7 +251,8 @@ def _input_elements(model: nn.Module, layers: list[tuple[str, nn.Module]], examp
 @torch.no_grad()
 def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict, weight_bits: int,
              act_bits: list[int | None], act_target: int | None, range_fn, example: Tensor,
-             min_bits: int = 3, rounding: str = "squant", backend: str | None = None) -> Allocation:
+             min_bits: int = 3, rounding: str = "squant", backend: str | None = None,
+             probe: Tensor | None = None) -> Allocation:
     """Per-layer weight and input bits on the budgets `weight_bits` and `act_target`.
 
     Args:
@@ -174,6 +268,7 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
         range_fn: `(stats, bits, layer) -> (lo, hi, signed)`: the run's range rule.
         example: an input batch for the shape-only forward (zeros are enough).
         min_bits: the fewest bits a layer gets.
+        probe: the inputs on which `output_gains` evaluates the model (needed with `act_target`).
 
     Returns:
         An `Allocation`.
@@ -198,12 +293,16 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
     a_out = list(act_bits)
     a_avg = None
     if act_target is not None:
+        if probe is None:
+            raise ValueError("allocating input bits needs the probe on which the output gains are measured")
         free = [i for i, (name, _) in enumerate(layers) if act_bits[i] == act_target and good(name)]
+        gains = output_gains(model, [layers[i] for i in free], probe) if free else {}
+        free = [i for i in free if layers[i][0] in gains]  # an input the outputs do not depend on keeps its bits
         if free:
-            a_nsr = torch.stack([input_nsr(layers[i][1], stats[layers[i][0]],
-                                           lambda b, i=i: range_fn(stats[layers[i][0]], b, layers[i][1]))
-                                 for i in free])
-            chosen = greedy_bits(a_nsr, [elements[i] for i in free], act_target, min(min_bits, act_target))
+            cost = torch.stack([input_noise(stats[layers[i][0]],
+                                            lambda b, i=i: range_fn(stats[layers[i][0]], b, layers[i][1]))
+                                .double() @ gains[layers[i][0]].double() for i in free])
+            chosen = greedy_bits(cost, [elements[i] for i in free], act_target, min(min_bits, act_target))
             for i, b in zip(free, chosen):
                 a_out[i] = b
             a_avg = sum(elements[i] * a_out[i] for i in free) / sum(elements[i] for i in free)
