@@ -140,6 +140,18 @@ def test_quantize_model_mixed_all_moves_input_bits():
     vq.restore_model(net)
 
 
+def test_output_gains_inside_inference_mode():
+    # Lightning's test loop runs under torch.inference_mode(); the probe may be an inference tensor
+    net = _net()
+    layers = quantizable_layers(net)
+    probe = torch.rand(4, 3, 8, 8)
+    expected = output_gains(net, layers, probe)
+    with torch.inference_mode():
+        got = output_gains(net, layers, probe.clone())
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(p.grad is None for p in net.parameters())
+
+
 def test_config_checks():
     assert QuantConfig().mixed_precision is None  # the default stays uniform
     with pytest.raises(ValueError, match="mixed_precision"):

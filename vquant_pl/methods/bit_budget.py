@@ -137,11 +137,14 @@ def output_gains(model: nn.Module, layers: list[tuple[str, nn.Module]], probe: T
     training = model.training
     try:
         model.eval()
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # also inside Lightning's test loop
             for start in range(0, len(probe), chunk):
                 inputs.clear()
-                x = probe[start:start + chunk].detach().requires_grad_(True)
+                x = probe[start:start + chunk].clone().requires_grad_(True)  # a normal tensor, not an inference one
                 out = model(x)
+                if not isinstance(out, Tensor):
+                    raise ValueError(f"the output gains need a model whose forward returns one tensor, got "
+                                     f"{type(out).__name__}")
                 v = torch.randint(0, 2, out.shape, generator=generator).to(out) * 2 - 1
                 found = torch.autograd.grad((out * v).sum(), [t for _, t in inputs], allow_unused=True)
                 for (name, _), g in zip(inputs, found):
