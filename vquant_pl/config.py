@@ -101,7 +101,8 @@ class QuantConfig:
             by parameter count; inputs uniform), ``all`` (also input bits, from the noise each
             input adds to the outputs, averaging ``act_bits`` by elements per image; needs
             BatchNorm ranges), or None (uniform bits; the default). Averages are exact where
-            up to three one-bit moves can make them so, else below by less than one step.
+            up to three one-bit moves make them so without raising the estimated cost, else
+            below by less than one step.
         mixed_min_bits: the fewest bits one layer gets under ``mixed_precision`` (2..8).
 
     Raises:

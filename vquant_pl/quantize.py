@@ -215,8 +215,11 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
     gain_probe = None
     if inputs:  # the output gains of the inputs are measured on the run's probe (its first samples)
         given = probe if probe is not None else Probe(config.probe_seed, config.probe_shape)
-        if isinstance(given, Probe) and given.shape is None:
-            given = Probe(given.seed, (GAIN_PROBES, *default_probe_shape(model, first)[1:]))
+        if isinstance(given, Probe):  # the first samples of the run's probe (a seeded draw's prefix)
+            shape = given.shape or default_probe_shape(model, first)
+            given = Probe(given.seed, (min(GAIN_PROBES, shape[0]), *shape[1:]))
+        elif isinstance(given, Tensor):
+            given = given[:GAIN_PROBES]  # moved to the device after the cut
         gain_probe = make_probe(given, model, first, first.weight.device, first.weight.dtype)[:GAIN_PROBES]
     alloc = allocate(model, plan.layers, stats, config.weight_bits, plan.act_bits,
                      config.act_bits if inputs else None,

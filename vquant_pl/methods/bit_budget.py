@@ -22,19 +22,21 @@ estimator on the run's probe: seeded uniform noise, no dataset information).
 The bits minimize the summed cost under the budget `sum_l n_l b_l = target * sum_l n_l`,
 with `n_l` the layer's parameter count (weights) or its input's element count per image
 (activations): a greedy on the marginal gain per budget bit, from `min_bits` up, then up
-to three one-bit moves that spend the rest exactly where such moves exist (`exact_fill`;
-otherwise the average stays below the target by less than one layer's step). Layers whose
+to three one-bit moves that spend the rest exactly where such moves exist and do not raise
+the summed cost (`exact_fill`; otherwise the average stays below the target by less than one
+layer's step). Layers whose
 input bits are fixed by the rules (the first layer's float input, the last layer's 8 bits)
 or that no BatchNorm feeds keep their bits and are outside the activation budget.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..layers import groups, in_channels
+from ..layers import groups, in_channels, input_channel_dim
 from ..ops.affine import ActivationQuantizer
 from ..ops.weights import quantize_weight
 from .bn_graph import ChannelStats
@@ -115,26 +117,35 @@ def input_noise(stats: ChannelStats, range_fn, bits: tuple[int, ...] = CANDIDATE
 def output_gains(model: nn.Module, layers: list[tuple[str, nn.Module]], probe: Tensor,
                  chunk: int = 8, seed: int = 0) -> dict[str, Tensor]:
     """Per layer, per input channel: how much a unit of independent noise variance on every
-    element of that channel adds to the summed variance of the model's outputs.
+    element of that channel of *this layer's* input adds to the summed variance of the
+    model's outputs (other consumers of the same tensor, a residual path, see it clean, as
+    they do under the layer's input quantizer).
 
     That is the diagonal of `J^T J` (J the Jacobian of the outputs with respect to the
     layer input) summed over the channel's positions, estimated with Hutchinson's
     estimator: the gradient of `<outputs, v>` for a random sign vector `v` per sample has
     that second moment. The model is evaluated on `probe` (no dataset information: the
     run's seeded uniform noise); a layer called more than once per forward adds its calls.
+    Layers whose first positional input the outputs do not depend on are missing.
+
+    Raises:
+        ValueError: the model's forward returns something other than one tensor.
     """
     grads: dict[str, Tensor] = {}
-    inputs: list[tuple[str, Tensor]] = []
+    inputs: list[tuple[str, nn.Module, Tensor]] = []
 
-    def keep(name):
+    def own_input(name):
         def hook(module, args):
             if args and isinstance(args[0], Tensor) and args[0].requires_grad:
-                inputs.append((name, args[0]))
+                mine = args[0].view_as(args[0])  # this layer's own node: its gradient is this layer's alone
+                inputs.append((name, module, mine))
+                return (mine, *args[1:])
+            return None
         return hook
 
     generator = torch.Generator().manual_seed(seed)
-    handles = [layer.register_forward_pre_hook(keep(name)) for name, layer in layers]
-    training = model.training
+    handles = [layer.register_forward_pre_hook(own_input(name)) for name, layer in layers]
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.inference_mode(False), torch.enable_grad():  # also inside Lightning's test loop
@@ -143,16 +154,18 @@ def output_gains(model: nn.Module, layers: list[tuple[str, nn.Module]], probe: T
                 x = probe[start:start + chunk].clone().requires_grad_(True)  # a normal tensor, not an inference one
                 out = model(x)
                 if not isinstance(out, Tensor):
-                    raise ValueError(f"the output gains need a model whose forward returns one tensor, got "
-                                     f"{type(out).__name__}")
-                v = torch.randint(0, 2, out.shape, generator=generator).to(out) * 2 - 1
-                found = torch.autograd.grad((out * v).sum(), [t for _, t in inputs], allow_unused=True)
-                for (name, _), g in zip(inputs, found):
+                    raise ValueError(f"mixed_precision='all' measures the output gains of the inputs on the probe: it "
+                                     f"needs a model whose forward returns one tensor, got {type(out).__name__} (wrap "
+                                     "the model so that it returns the logits, or use mixed_precision='weights')")
+                v = (torch.randint(0, 2, out.shape, generator=generator, dtype=torch.int8) * 2 - 1).to(out)
+                found = torch.autograd.grad((out * v).sum(), [t for _, _, t in inputs], allow_unused=True)
+                for (name, layer, _), g in zip(inputs, found):
                     if g is not None:
-                        g2 = g.detach().float().pow(2).transpose(0, 1).reshape(g.shape[1], -1).sum(1)
-                        grads[name] = grads.get(name, 0) + g2
+                        g2 = g.detach().float().pow(2).movedim(input_channel_dim(layer), 0)
+                        grads[name] = grads.get(name, 0) + g2.reshape(g2.shape[0], -1).sum(1)
     finally:
-        model.train(training)
+        for m, mode in modes.items():
+            m.training = mode
         for h in handles:
             h.remove()
     return {name: g / len(probe) for name, g in grads.items()}
@@ -162,7 +175,8 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
                 bits: tuple[int, ...] = CANDIDATE_BITS) -> list[int]:
     """Bits per row of `nsr [L, len(bits)]` minimizing the NSR sum with `sum cost * bits <=
     target * sum cost`, each from `min_bits` up: a greedy on the NSR gain per budget bit,
-    then `exact_fill` to spend what is left exactly when up to three one-bit moves can.
+    then `exact_fill` to spend what is left exactly when up to three one-bit moves can
+    without raising the NSR sum.
 
     Raises:
         ValueError: `min_bits` above `target`, or not a candidate.
@@ -194,8 +208,10 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
 def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest: int) -> list[int]:
     """Positions (indices into the candidate widths) that spend the `left` budget exactly:
     the up-to-three one-step moves (up or down, on distinct layers, never below `lowest`)
-    whose costs sum to `left` and that add the least NSR; `pos` unchanged when none exist
-    (the budget is then kept, short by `left`).
+    whose costs sum to `left` and that add the least NSR, searched over every single move,
+    every pair and, for the triples, the three best pairs of each cost. A fill that would
+    raise the summed NSR is not taken; `pos` is returned unchanged then, and when no moves
+    spend `left` exactly (the budget is kept, short by `left`).
 
     Example:
         >>> exact_fill(torch.tensor([[2., 1., .5], [2., 1., .5]]), [1, 0], [3, 5], 2, 0)  # +5 -3
@@ -209,25 +225,25 @@ def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest:
             moves.append((c, float(nsr[l, p + 1] - nsr[l, p]), l, 1))
         if p - 1 >= lowest:
             moves.append((-c, float(nsr[l, p - 1] - nsr[l, p]), l, -1))
-    best: tuple | None = None
-    for m in moves:
-        if m[0] == left and (best is None or m[1] < best[0]):
-            best = (m[1], (m,))
-    pairs: dict[int, tuple] = {}
+    best: tuple = (0.0, ())  # doing nothing: a fill must not raise the NSR
+    pairs: dict[int, list[tuple]] = {}
     for i, a in enumerate(moves):
+        if a[0] == left and a[1] <= best[0]:
+            best = (a[1], (a,))
         for b in moves[i + 1:]:
             if a[2] != b[2]:
                 key, d = a[0] + b[0], a[1] + b[1]
-                if key == left and (best is None or d < best[0]):
+                if key == left and d <= best[0]:
                     best = (d, (a, b))
-                if key not in pairs or d < pairs[key][0]:
-                    pairs[key] = (d, (a, b))
+                kept = pairs.setdefault(key, [])
+                kept.append((d, (a, b)))
+                if len(kept) > 3:
+                    kept.sort(key=lambda t: t[0])
+                    kept.pop()
     for m in moves:
-        hit = pairs.get(left - m[0])
-        if hit is not None and m[2] not in (hit[1][0][2], hit[1][1][2]) and (best is None or hit[0] + m[1] < best[0]):
-            best = (hit[0] + m[1], (m, *hit[1]))
-    if best is None:
-        return pos
+        for d, (a, b) in pairs.get(left - m[0], []):
+            if m[2] not in (a[2], b[2]) and d + m[1] <= best[0]:
+                best = (d + m[1], (m, a, b))
     out = list(pos)
     for _, _, l, step in best[1]:
         out[l] += step
@@ -300,7 +316,13 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
             raise ValueError("allocating input bits needs the probe on which the output gains are measured")
         free = [i for i, (name, _) in enumerate(layers) if act_bits[i] == act_target and good(name)]
         gains = output_gains(model, [layers[i] for i in free], probe) if free else {}
-        free = [i for i in free if layers[i][0] in gains]  # an input the outputs do not depend on keeps its bits
+        lost = [layers[i][0] for i in free if layers[i][0] not in gains]
+        if lost:
+            warnings.warn(f"mixed_precision='all': the outputs on the probe do not depend on the first positional "
+                          f"input of {', '.join(lost)} (called with keyword arguments, or never called): "
+                          f"{'it keeps' if len(lost) == 1 else 'they keep'} {act_target} bits, outside the budget",
+                          stacklevel=3)
+        free = [i for i in free if layers[i][0] in gains]
         if free:
             cost = torch.stack([input_noise(stats[layers[i][0]],
                                             lambda b, i=i: range_fn(stats[layers[i][0]], b, layers[i][1]))
