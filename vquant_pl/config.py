@@ -95,14 +95,11 @@ class QuantConfig:
             ``mean-std`` (``-vcw -bcw``) or ``paper`` (``xi (Wq + mu)``).
         aciq_cap: keep ACIQ ranges inside the tensor's observed (probe) or known (BatchNorm:
             a ReLU6's 6) ``[min, max]`` (the original's ``clip2max``, off in its runs).
-        mixed_precision: a separate, labelled recipe, not the uniform rules: per-layer bits on
-            the uniform budget (``methods.bit_budget``): ``weights`` (weight bits from each
-            layer's BatchNorm-derived output noise-to-signal ratio, averaging ``weight_bits``
-            by parameter count; inputs uniform), ``all`` (also input bits, from the noise each
-            input adds to the outputs, averaging ``act_bits`` by elements per image; needs
-            BatchNorm ranges), or None (uniform bits; the default). Averages are exact where
-            up to three one-bit moves make them so without raising the estimated cost, else
-            below by less than one step.
+        mixed_precision: a separate, labelled recipe, not the uniform rules (``methods.bit_budget``):
+            ``weights`` (per-layer weight bits from each layer's BatchNorm-derived output NSR,
+            averaging at most ``weight_bits`` by parameter count), ``all`` (also input bits,
+            from the noise each input adds to the outputs, averaging at most ``act_bits`` by
+            elements per image; needs BatchNorm ranges), or None (uniform; the default).
         mixed_min_bits: the fewest bits one layer gets under ``mixed_precision`` (2..8).
 
     Raises:
