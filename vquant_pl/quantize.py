@@ -220,7 +220,7 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
             given = Probe(given.seed, (min(GAIN_PROBES, shape[0]), *shape[1:]))
         elif isinstance(given, Tensor):
             given = given[:GAIN_PROBES]  # moved to the device after the cut
-        gain_probe = make_probe(given, model, first, first.weight.device, first.weight.dtype)[:GAIN_PROBES]
+        gain_probe = make_probe(given, model, first, first.weight.device, first.weight.dtype)
     alloc = allocate(model, plan.layers, stats, config.weight_bits, plan.act_bits,
                      config.act_bits if inputs else None,
                      lambda s, b, layer: method.range_from_bn(s, b, config, layer), example, config.mixed_min_bits,
