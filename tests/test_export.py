@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript", reason="the export extra is not installed")
 from vquant_pl.export import ort_session, run_onnx  # noqa: E402
 from vquant_pl.ops.affine import weight_codes  # noqa: E402
 
-from helpers import SAMPLE, SYNSETS  # noqa: E402
+from helpers import SAMPLE, SYNSETS, small_cli_config  # noqa: E402
 
 PROBE = vq.Probe(shape=(8, 3, 16, 16))
 
@@ -289,26 +289,7 @@ def test_callback_exports_on_rank_zero_after_quantizing(tmp_path):
 
 
 def _cli_config(path, extra: str = "") -> str:
-    path.write_text(f"""model:
-  model: pytorchcv:resnet10
-  pretrained: false
-data:
-  root: {SAMPLE}
-  limit: 4
-  batch_size: 2
-  num_workers: 0
-quant:
-  weight_bits: 8
-  act_bits: 8
-  probe_shape: [2, 3, 224, 224]
-  verbose: false
-{extra}trainer:
-  accelerator: cpu
-  devices: 1
-  logger: false
-  enable_progress_bar: false
-""")
-    return str(path)
+    return str(small_cli_config(path, extra=extra))
 
 
 def test_vquant_export_writes_a_checked_file_never_over_one(tmp_path, capsys):

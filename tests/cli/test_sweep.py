@@ -12,33 +12,13 @@ import torch
 import vquant_pl as vq
 from vquant_pl.cli.sweep import main as sweep, markdown, run_names
 
-from helpers import REPO, SAMPLE
+from helpers import REPO, SAMPLE, small_cli_config
 
 SCORES = ("top1", "top5", "kl", "cosine", "samples", "skipped", "scored_by")
 
 
 def _config(path: Path, checkpoint: Path, limit: int = 4, extra: str = "") -> Path:
-    path.write_text(f"""model:
-  model: pytorchcv:resnet10
-  pretrained: false
-  checkpoint: {checkpoint}
-data:
-  root: {SAMPLE}
-  limit: {limit}
-  batch_size: 4
-  num_workers: 0
-quant:
-  weight_bits: 8
-  act_bits: 8
-  probe_shape: [2, 3, 224, 224]
-  verbose: false
-{extra}trainer:
-  accelerator: cpu
-  devices: 1
-  logger: false
-  enable_progress_bar: false
-""")
-    return path
+    return small_cli_config(path, limit=limit, batch_size=4, checkpoint=checkpoint, extra=extra)
 
 
 @pytest.fixture(scope="module")

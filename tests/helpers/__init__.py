@@ -18,3 +18,30 @@ NON_DEFAULT = dict(weight_bits=6, act_bits=6, rounding="squant-k", act_range="ac
                    percentile=99.0, calib_batches=3, probe_seed=7, probe_shape=(2, 3, 8, 8), backend="torch",
                    act_per_channel=True, bit_allocation_rule="exact", bias_correction_rule="mean-std", aciq_cap=True,
                    mixed_precision="all", mixed_min_bits=2)
+
+
+def small_cli_config(path: Path, *, limit: int = 4, batch_size: int = 2, checkpoint: Path | None = None,
+                     extra: str = "") -> Path:
+    """A CLI YAML for a random-init pytorchcv ResNet10 at W8A8 on `limit` sample images (CPU, no
+    logger, no progress bar); `extra` adds lines to the `quant:` group."""
+    model = "" if checkpoint is None else f"\n  checkpoint: {checkpoint}"
+    path.write_text(f"""model:
+  model: pytorchcv:resnet10
+  pretrained: false{model}
+data:
+  root: {SAMPLE}
+  limit: {limit}
+  batch_size: {batch_size}
+  num_workers: 0
+quant:
+  weight_bits: 8
+  act_bits: 8
+  probe_shape: [2, 3, 224, 224]
+  verbose: false
+{extra}trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+""")
+    return path
