@@ -97,8 +97,8 @@ class QuantConfig:
             a ReLU6's 6) ``[min, max]`` (the original's ``clip2max``, off in its runs).
         mixed_precision: a separate, labelled recipe, not the uniform rules (``methods.bit_budget``):
             ``weights`` (per-layer weight bits from each layer's BatchNorm-derived output NSR,
-            averaging at most ``weight_bits`` by parameter count), ``all`` (also input bits,
-            from the noise each input adds to the outputs, averaging at most ``act_bits`` by
+            averaging exactly ``weight_bits`` by parameter count), ``all`` (also input bits,
+            from the noise each input adds to the outputs, averaging exactly ``act_bits`` by
             elements per image; needs BatchNorm ranges), or None (uniform; the default).
         mixed_min_bits: the fewest bits one layer gets under ``mixed_precision`` (2..8).
 

@@ -49,7 +49,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .input_quantizer import InputQuantizer
 from .methods.aciq import weight_channel_bits
 from .nvidia.quant_modules import TensorQuantizer
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer, affine_scale, dequantize

@@ -1,4 +1,7 @@
 """Mixed precision on a fixed budget (vquant_pl.methods.bit_budget, QuantConfig.mixed_precision)."""
+import itertools
+from operator import mul
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +9,7 @@ from torch import nn
 import vquant_pl as vq
 from vquant_pl.config import QuantConfig
 from vquant_pl.layers import quantizable_layers
+from vquant_pl.methods import bit_budget
 from vquant_pl.methods.bit_budget import allocate, exact_fill, greedy_bits, input_noise, output_gains, weight_nsr
 from vquant_pl.methods.bn_graph import bn_stats, stats_range
 
@@ -33,8 +37,7 @@ def test_greedy_bits_known_answer_and_budget():
     costs = [10, 3, 7]
     nsr = torch.tensor([[2.0 ** (-2 * b) * s for b in range(2, 9)] for s in (1.0, 100.0, 10.0)], dtype=torch.float64)
     bits = greedy_bits(nsr, costs, 4, 2)
-    # 1 unit is left, which no three one-bit moves of costs 10, 3, 7 spend: kept below, never above
-    assert sum(c * b for c, b in zip(costs, bits)) == 4 * sum(costs) - 1
+    assert sum(c * b for c, b in zip(costs, bits)) == 4 * sum(costs)  # the greedy left 1 unit: filled exactly
     assert bits[1] == max(bits) and bits[0] == min(bits)
     with pytest.raises(ValueError, match="min_bits 5"):
         greedy_bits(nsr, costs, 4, 5)
@@ -119,10 +122,44 @@ def test_output_gains_refuse_a_non_tensor_output():
         output_gains(Dict(), [("fc", Dict().fc)], torch.rand(2, 3))
 
 
-def test_exact_fill_never_raises_the_cost():
-    # spending the last 1 unit exactly would lower layer 0 (NSR +900) to raise layer 1 (-0.1): not taken
+def test_exact_fill_is_taken_even_where_it_raises_the_cost():
+    # the greedy leaves 2 of 24 units; spending them lowers layer 0 (NSR +99) to raise layer 1 (-0.1)
     nsr = torch.tensor([[1000.0, 100.0, 1.0], [1.0, 0.9, 0.8]], dtype=torch.float64)
-    assert greedy_bits(nsr, [3, 5], 3, 2, (2, 3, 4)) == [4, 2]
+    assert greedy_bits(nsr, [3, 5], 3, 2, (2, 3, 4)) == [3, 3]  # 3*3 + 5*3 = 3 * (3 + 5)
+
+
+def test_exact_fill_is_the_cheapest_exact_fill_within_reach():
+    # against brute force over every combination of moves of at most FILL_REACH steps
+    gen = torch.Generator().manual_seed(0)
+    reach, checked = 2, 0
+    for _ in range(60):
+        n = int(torch.randint(1, 5, (1,), generator=gen))
+        nsr = torch.rand(n, 5, generator=gen, dtype=torch.float64).sort(1, descending=True).values
+        pos = torch.randint(0, 5, (n,), generator=gen).tolist()
+        costs = torch.randint(1, 10, (n,), generator=gen).tolist()
+        left, lowest = int(torch.randint(0, 13, (1,), generator=gen)), int(torch.randint(0, 2, (1,), generator=gen))
+        best = None
+        for steps in itertools.product(range(-reach, reach + 1), repeat=n):
+            q = [p + s for p, s in zip(pos, steps)]
+            if any(s and not lowest <= b < 5 for b, s in zip(q, steps)) or sum(map(mul, costs, steps)) != left:
+                continue
+            added = sum(float(nsr[l, q[l]] - nsr[l, pos[l]]) for l in range(n))
+            best = added if best is None else min(best, added)
+        got = exact_fill(nsr, pos, costs, left, lowest, reach)
+        if best is None:
+            assert got == pos
+            continue
+        checked += 1
+        assert sum(c * (g - p) for c, g, p in zip(costs, got, pos)) == left
+        assert sum(float(nsr[l, got[l]] - nsr[l, pos[l]]) for l in range(n)) == pytest.approx(best, abs=1e-12)
+    assert checked > 30
+
+
+def test_greedy_bits_warns_when_the_budget_cannot_be_spent_exactly(monkeypatch):
+    nsr = torch.tensor([[4.0, 2.0, 1.0], [4.0, 2.0, 1.0]], dtype=torch.float64)
+    monkeypatch.setattr(bit_budget, "exact_fill", lambda nsr, pos, *a: list(pos))  # nothing spends it
+    with pytest.warns(UserWarning, match=r"last 3 of 21 budget bits exactly; the average stays 0.43 bits below 3"):
+        assert greedy_bits(nsr, [2, 5], 3, 2, (2, 3, 4)) == [4, 2]
 
 
 def test_allocate_gives_input_bits_where_the_outputs_are_sensitive():
@@ -134,9 +171,10 @@ def test_allocate_gives_input_bits_where_the_outputs_are_sensitive():
                  torch.zeros(1, 3, 8, 8))
     with torch.no_grad():  # the depthwise output is scaled down 1000x by its BatchNorm: its input matters least
         net[4].weight.mul_(1e-3)
-    alloc = allocate(net, layers, bn_stats(net, [n for n, _ in layers]), 4, [None, 4, 4, 8], 4,
-                     lambda s, b, layer: stats_range(s, 3.0), torch.zeros(1, 3, 8, 8), min_bits=2,
-                     probe=torch.rand(4, 3, 8, 8))
+    with pytest.warns(UserWarning, match="last 112 of 8960 budget bits"):  # weights: no moves within reach spend it
+        alloc = allocate(net, layers, bn_stats(net, [n for n, _ in layers]), 4, [None, 4, 4, 8], 4,
+                         lambda s, b, layer: stats_range(s, 3.0), torch.zeros(1, 3, 8, 8), min_bits=2,
+                         probe=torch.rand(4, 3, 8, 8))
     assert alloc.act_bits[0] is None and alloc.act_bits[3] == 8
     assert alloc.act_bits[1] < 4 < alloc.act_bits[2]
     assert alloc.act_average == 4.0  # equal element counts: the two free inputs average exactly 4
@@ -150,14 +188,13 @@ def test_allocate_keeps_the_average_and_the_rules():
                      torch.zeros(1, 3, 8, 8), min_bits=2, probe=torch.rand(4, 3, 8, 8))
     assert alloc.params == [432, 144, 1024, 640]
     assert alloc.elements == [3 * 64, 16 * 64, 16 * 64, 64]
-    assert 4 * sum(alloc.params) - 16 <= sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) <= 4 * sum(alloc.params)
-    # (16 left: no three one-bit moves of 432, 144, 1024, 640 parameters spend it)
+    assert sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) == 4 * sum(alloc.params)  # exactly
     assert alloc.weight_average == pytest.approx(
         sum(p * b for p, b in zip(alloc.params, alloc.weight_bits)) / sum(alloc.params))
-    assert alloc.weight_average > 3.9  # the budget is spent
+    assert alloc.weight_average == 4.0
     assert alloc.weight_bits != [4, 4, 4, 4]  # the small depthwise layer is cheap to raise
     assert alloc.act_bits[0] is None and alloc.act_bits[3] == 8  # rule 4 layers keep their bits
-    assert 16 * 64 * (alloc.act_bits[1] + alloc.act_bits[2]) <= 4 * 2 * 16 * 64
+    assert alloc.act_bits[1] + alloc.act_bits[2] == 8 and alloc.act_average == 4.0
 
 
 def test_quantize_model_mixed_weights_uses_the_allocated_bits_and_restores():
@@ -166,7 +203,7 @@ def test_quantize_model_mixed_weights_uses_the_allocated_bits_and_restores():
     rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="weights", mixed_min_bits=2))
     bits = [r.weight_bits for r in rep.layers]
     params = [layer.weight.numel() for _, layer in quantizable_layers(net)]
-    assert sum(p * b for p, b in zip(params, bits)) <= 4 * sum(params)
+    assert sum(p * b for p, b in zip(params, bits)) == 4 * sum(params)
     assert len(set(bits)) > 1
     for (_, layer), b in zip(quantizable_layers(net), bits):
         distinct = max(len(row.unique()) for row in layer.weight.detach().reshape(layer.weight.shape[0], -1))

@@ -21,15 +21,14 @@ estimator on the run's probe: seeded uniform noise, no dataset information).
 
 The bits minimize the summed cost under the budget `sum_l n_l b_l = target * sum_l n_l`,
 with `n_l` the layer's parameter count (weights) or its input's element count per image
-(activations): a greedy on the marginal gain per budget bit, from `min_bits` up, then up
-to three one-bit moves that spend the rest exactly where such moves exist and do not raise
-the summed cost (`exact_fill`; otherwise the average stays below the target by less than one
-layer's step). Layers whose
-input bits are fixed by the rules (the first layer's float input, the last layer's 8 bits)
+(activations): a greedy on the marginal gain per budget bit, from `min_bits` up, then the
+cheapest moves of at most two steps per layer that spend the rest exactly (`exact_fill`, a
+dynamic program; a warning where none exist). Layers whose input bits are fixed by the rules (the first layer's float input, the last layer's 8 bits)
 or that no BatchNorm feeds keep their bits and are outside the activation budget.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -49,6 +48,11 @@ CANDIDATE_BITS = tuple(range(2, 9))
 #: Probe samples on which `output_gains` is estimated (measured: 32 and 64 give the same
 #: allocation quality on EfficientNet-Lite0; docs/w4a4.md).
 GAIN_PROBES = 32
+#: Steps (candidate widths) one layer may move from the greedy's bits to spend a budget
+#: exactly (`exact_fill`; 2 and 3 give the same allocations on EfficientNet-Lite0, docs/w4a4.md).
+FILL_REACH = 2
+#: The most entries of `exact_fill`'s table (layers x budget units), bounding its memory.
+FILL_CELLS = 1 << 25
 
 
 @dataclass
@@ -56,8 +60,8 @@ class Allocation:
     """Per-layer bits and what they cost.
 
     `weight_bits[l]`/`act_bits[l]` per layer (act None where the input stays float);
-    `weight_average`/`act_average` the budget-weighted means actually reached (at most
-    the target); `params`/`elements` the weights' parameter counts and the inputs'
+    `weight_average`/`act_average` the budget-weighted means actually reached (the
+    target, unless a warning said the budget could not be spent exactly); `params`/`elements` the weights' parameter counts and the inputs'
     element counts per image."""
 
     weight_bits: list[int]
@@ -175,8 +179,7 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
                 bits: tuple[int, ...] = CANDIDATE_BITS) -> list[int]:
     """Bits per row of `nsr [L, len(bits)]` minimizing the NSR sum with `sum cost * bits <=
     target * sum cost`, each from `min_bits` up: a greedy on the NSR gain per budget bit,
-    then `exact_fill` to spend what is left exactly when up to three one-bit moves can
-    without raising the NSR sum.
+    then `exact_fill` to spend what is left exactly (a warning where it cannot).
 
     Raises:
         ValueError: `min_bits` above `target`, or not a candidate.
@@ -202,51 +205,68 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
             break
         left -= costs[best] * (bits[pos[best] + 1] - bits[pos[best]])
         pos[best] += 1
-    return [bits[p] for p in exact_fill(nsr, pos, costs, left, bits.index(min_bits))]
+    filled = exact_fill(nsr, pos, costs, left, bits.index(min_bits))
+    spent = sum(c * (f - p) for c, f, p in zip(costs, filled, pos))
+    if spent != left:
+        warnings.warn(f"mixed precision: no moves of at most {FILL_REACH} steps per layer spend the last {left} of "
+                      f"{target * sum(costs)} budget bits exactly; the average stays "
+                      f"{left / sum(costs):.2g} bits below {target}", stacklevel=3)
+    return [bits[p] for p in filled]
 
 
-def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest: int) -> list[int]:
-    """Positions (indices into the candidate widths) that spend the `left` budget exactly:
-    the up-to-three one-step moves (up or down, on distinct layers, never below `lowest`)
-    whose costs sum to `left` and that add the least NSR, searched over every single move,
-    every pair and, for the triples, the three best pairs of each cost. A fill that would
-    raise the summed NSR is not taken; `pos` is returned unchanged then, and when no moves
-    spend `left` exactly (the budget is kept, short by `left`).
+def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest: int,
+               reach: int = FILL_REACH) -> list[int]:
+    """Positions (indices into the candidate widths) that spend `left` more budget exactly (0:
+    moves that only trade bits between layers) and add the least summed NSR, each layer moved
+    at most `reach` steps up or down from `pos`, never below `lowest`.
+
+    Dynamic programming over the budget spent, in units of the costs' greatest common
+    divisor, the running sum kept within `reach` times the largest layer cost around
+    `[0, left]`. Taken even where it raises the summed NSR: the budget is the contract. Layers
+    join smallest first while the table stays under `FILL_CELLS` entries (a larger layer then
+    keeps its bits); `pos` comes back unchanged where nothing spends `left` exactly.
 
     Example:
         >>> exact_fill(torch.tensor([[2., 1., .5], [2., 1., .5]]), [1, 0], [3, 5], 2, 0)  # +5 -3
         [0, 1]
     """
-    if left == 0:
-        return pos
-    moves = []  # (cost change, NSR change, layer, step)
-    for l, (c, p) in enumerate(zip(costs, pos)):
-        if p + 1 < nsr.shape[1]:
-            moves.append((c, float(nsr[l, p + 1] - nsr[l, p]), l, 1))
-        if p - 1 >= lowest:
-            moves.append((-c, float(nsr[l, p - 1] - nsr[l, p]), l, -1))
-    best: tuple = (0.0, ())  # doing nothing: a fill must not raise the NSR
-    pairs: dict[int, list[tuple]] = {}
-    for i, a in enumerate(moves):
-        if a[0] == left and a[1] <= best[0]:
-            best = (a[1], (a,))
-        for b in moves[i + 1:]:
-            if a[2] != b[2]:
-                key, d = a[0] + b[0], a[1] + b[1]
-                if key == left and d <= best[0]:
-                    best = (d, (a, b))
-                kept = pairs.setdefault(key, [])
-                kept.append((d, (a, b)))
-                if len(kept) > 3:
-                    kept.sort(key=lambda t: t[0])
-                    kept.pop()
-    for m in moves:
-        for d, (a, b) in pairs.get(left - m[0], []):
-            if m[2] not in (a[2], b[2]) and d + m[1] <= best[0]:
-                best = (d + m[1], (m, a, b))
+    if not costs:
+        return []
+    unit = math.gcd(left, *costs)
+    units = [c // unit for c in costs]
+    joined: list[int] = []
+    for l in sorted(range(len(costs)), key=units.__getitem__):
+        if (left // unit + 2 * reach * units[l] + 1) * (len(joined) + 1) > FILL_CELLS:
+            break
+        joined.append(l)
+    if not joined:
+        return list(pos)
+    span = reach * max(units[l] for l in joined)
+    width = left // unit + 2 * span + 1  # running sums -span .. left + span
+    best = torch.full((width,), math.inf, dtype=torch.float64)
+    best[span] = 0.0
+    picks = []
+    for l in joined:
+        new, pick = best.clone(), torch.zeros(width, dtype=torch.int8)
+        for step in range(-reach, reach + 1):
+            if step == 0 or not lowest <= pos[l] + step < nsr.shape[1]:
+                continue
+            shift = step * units[l]
+            moved = torch.full((width,), math.inf, dtype=torch.float64)
+            moved[max(shift, 0):width + min(shift, 0)] = best[max(-shift, 0):width - max(shift, 0)]
+            moved += float(nsr[l, pos[l] + step] - nsr[l, pos[l]])
+            better = moved < new
+            new, pick = torch.where(better, moved, new), torch.where(better, step, pick).to(torch.int8)
+        best = new
+        picks.append(pick)
+    at = span + left // unit
+    if not math.isfinite(float(best[at])):
+        return list(pos)
     out = list(pos)
-    for _, _, l, step in best[1]:
+    for l, pick in zip(reversed(joined), reversed(picks)):
+        step = int(pick[at])
         out[l] += step
+        at -= step * units[l]
     return out
 
 
