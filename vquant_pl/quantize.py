@@ -50,6 +50,7 @@ class _Plan:
     layers: list[tuple[str, nn.Module]]
     act_bits: list[Optional[int]]  # per layer; None: the input stays float
     weight_bits: list[int] | None = None  # per layer under mixed_precision (else config.weight_bits)
+    bit_budget: dict | None = None  # mixed_precision: the averages reached (QuantReport.bit_budget)
     fixed: dict[str, "Quantizer | str"] = field(default_factory=dict)  # BN ranges, or why none
     float_weights: dict[str, Tensor] = field(default_factory=dict)  # just before rounding (for bias correction)
     written: dict[str, Tensor] = field(default_factory=dict)  # the tensor each layer's weight codes went into
@@ -226,6 +227,8 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
                      lambda s, b, layer: method.range_from_bn(s, b, config, layer), example, config.mixed_min_bits,
                      config.rounding, plan.backend, gain_probe)
     plan.weight_bits, plan.act_bits = alloc.weight_bits, alloc.act_bits
+    plan.bit_budget = {"weight_average": alloc.weight_average, "params": sum(alloc.params),
+                       "act_average": alloc.act_average, "act_elements": alloc.act_budget}
 
 
 def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, calibration) -> _Plan:
@@ -634,8 +637,12 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
         try:
-            if _prepare(model, plan) and plan.config.quantizes_activations and plan.method.uses_bn(config):
-                _bn_ranges(model, plan)  # the transforms changed the BatchNorm parameters
+            if _prepare(model, plan):  # the transforms changed the weights and BatchNorm parameters
+                if config.mixed_precision is not None:
+                    _allocate_bits(model, plan, probe)  # bits for the transformed model
+                if config.quantizes_activations and plan.method.uses_bn(config):
+                    _bn_ranges(model, plan)
+            run.bit_budget = plan.bit_budget
             rows, run.weight_time_s = _quantize_weights(plan, progress)
             hooks = _attach_input_quantizers(plan, rows)
             run.probe_time_s = _fix_ranges(model, plan, hooks, calibration, progress)
@@ -748,7 +755,7 @@ def quantization_report(model: nn.Module) -> QuantReport | None:
         return None
     run = states[0][2].run
     return QuantReport(run.config, run.backend, [s.row for _, _, s in states], run.weight_time_s,
-                       run.probe_time_s, run.probe)
+                       run.probe_time_s, run.probe, run.bit_budget)
 
 
 # -- helpers -------------------------------------------------------------------------------

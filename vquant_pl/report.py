@@ -37,6 +37,9 @@ class QuantReport:
     weight_time_s: float = 0.0
     probe_time_s: float = 0.0
     probe: dict | None = None  # the default probe's seed and shape, or the shape of a given one
+    #: mixed_precision: the weight bits' average over `params` parameters and the input bits'
+    #: over `act_elements` elements per image (the inputs inside the budget; None: not allocated)
+    bit_budget: dict | None = None
 
     @property
     def weight_bits(self) -> int:
@@ -87,7 +90,7 @@ class QuantReport:
     def to_dict(self) -> dict:
         """Plain values (JSON-ready): the resolved settings, every layer and the totals."""
         return {"config": self.config.to_dict(resolved=True) | {"sigma": self.sigma}, "backend": self.backend,
-                "probe": self.probe, "weight_time_s": self.weight_time_s, "probe_time_s": self.probe_time_s,
+                "probe": self.probe, "bit_budget": self.bit_budget, "weight_time_s": self.weight_time_s, "probe_time_s": self.probe_time_s,
                 "num_layers": self.num_layers, "num_weights": self.num_weights,
                 "layers": [asdict(r) for r in self.layers]}
 
@@ -103,6 +106,12 @@ class QuantReport:
         if self.multi_call_layers:
             rows.append(f"called more than once per forward (ranges cover every call): "
                         f"{', '.join(self.multi_call_layers)}")
+        if self.bit_budget is not None:
+            b = self.bit_budget
+            acts = ("" if b["act_average"] is None else
+                    f"; input bits {b['act_average']:.4f} over {b['act_elements']:,} elements per image")
+            rows.append(f"mixed precision: weight bits average {b['weight_average']:.4f} over "
+                        f"{b['params']:,} parameters{acts}")
         rows.append(
             f"{self.num_layers} layers, {self.num_weights:,} weights, W{self.weight_bits}"
             f"A{self.act_bits or 'float'} {self.rounding} on {self.backend}: weights "

@@ -46,6 +46,7 @@ class RunInfo:
     weight_time_s: float = 0.0
     probe_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    bit_budget: dict | None = None  # mixed_precision: the averages reached (QuantReport.bit_budget)
 
 
 @dataclass

@@ -213,12 +213,22 @@ def test_quantize_model_mixed_weights_uses_the_allocated_bits_and_restores():
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
-def test_quantize_model_mixed_all_moves_input_bits():
+def test_quantize_model_mixed_all_moves_input_bits_and_reports_the_averages():
     net = _net()
     rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="all", mixed_min_bits=2))
     acts = [r.act_bits for r in rep.layers]
     assert acts[0] is None and acts[3] == 8
     assert acts[1] + acts[2] == 8  # equal element counts: the two free inputs average exactly 4
+    params = [layer.weight.numel() for _, layer in quantizable_layers(net)]
+    average = sum(p * r.weight_bits for p, r in zip(params, rep.layers)) / sum(params)
+    elements = 2 * 16 * 224 * 224  # the two free inputs at the default probe's 224 x 224
+    assert rep.bit_budget == {"weight_average": average, "params": 2240, "act_average": 4.0, "act_elements": elements}
+    assert vq.quantization_report(net).to_dict()["bit_budget"] == rep.bit_budget
+    assert (f"mixed precision: weight bits average {average:.4f} over 2,240 parameters; input bits 4.0000 over "
+            f"{elements:,} elements per image") in rep.table()
+    vq.restore_model(net)
+    uniform = vq.quantize_model(net)
+    assert uniform.bit_budget is None and "mixed precision" not in uniform.table()
     vq.restore_model(net)
 
 
@@ -254,3 +264,22 @@ def test_mixed_at_eight_bits_is_uniform_eight():
     vq.quantize_model(net, config=QuantConfig(weight_bits=8, act_bits=8))
     assert all(torch.equal(v, mixed[k]) for k, v in net.state_dict().items())
     vq.restore_model(net)
+
+
+def test_bits_are_allocated_for_the_transformed_model(monkeypatch):
+    # equalize / weight_clip change the weights and BatchNorm after the plan: the bits must be
+    # chosen for the model that is quantized, not the one before the transforms
+    from vquant_pl.methods.equalize import equalize
+
+    net, ref = _net(), _net()
+    with torch.no_grad():
+        equalize(ref, 0.5, 4.0)
+    seen = []
+    real = bit_budget.allocate
+    monkeypatch.setattr(bit_budget, "allocate", lambda model, layers, *a, **k: (
+        seen.append([layer.weight.detach().clone() for _, layer in layers]), real(model, layers, *a, **k))[1])
+    vq.quantize_model(net, config=QuantConfig(mixed_precision="all", mixed_min_bits=2, equalize=True))
+    vq.restore_model(net)
+    expected = [layer.weight for _, layer in quantizable_layers(ref)]
+    assert not all(torch.allclose(w, e) for w, e in zip(seen[0], expected))  # the plan saw the original
+    assert all(torch.allclose(w, e) for w, e in zip(seen[-1], expected))  # the bits: the equalized model

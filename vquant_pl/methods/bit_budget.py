@@ -62,7 +62,8 @@ class Allocation:
     `weight_bits[l]`/`act_bits[l]` per layer (act None where the input stays float);
     `weight_average`/`act_average` the budget-weighted means actually reached (the
     target, unless a warning said the budget could not be spent exactly); `params`/`elements` the weights' parameter counts and the inputs'
-    element counts per image."""
+    element counts per image; `act_budget` the elements per image of the inputs inside the
+    budget (the others keep the rules' bits)."""
 
     weight_bits: list[int]
     act_bits: list[int | None]
@@ -70,6 +71,7 @@ class Allocation:
     act_average: float | None
     params: list[int]
     elements: list[int]
+    act_budget: int = 0
 
 
 def _input_moments(layer: nn.Module, stats: ChannelStats | None, samples: int = 512) -> tuple[Tensor, Tensor]:
@@ -330,7 +332,7 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
                          for name, layer in layers])
     w_out = greedy_bits(w_nsr, params, weight_bits, min(min_bits, weight_bits))
     a_out = list(act_bits)
-    a_avg = None
+    a_avg, a_budget = None, 0
     if act_target is not None:
         if probe is None:
             raise ValueError("allocating input bits needs the probe on which the output gains are measured")
@@ -350,6 +352,7 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
             chosen = greedy_bits(cost, [elements[i] for i in free], act_target, min(min_bits, act_target))
             for i, b in zip(free, chosen):
                 a_out[i] = b
-            a_avg = sum(elements[i] * a_out[i] for i in free) / sum(elements[i] for i in free)
+            a_budget = sum(elements[i] for i in free)
+            a_avg = sum(elements[i] * a_out[i] for i in free) / a_budget
     w_avg = sum(p * b for p, b in zip(params, w_out)) / sum(params)
-    return Allocation(w_out, a_out, w_avg, a_avg, params, elements)
+    return Allocation(w_out, a_out, w_avg, a_avg, params, elements, a_budget)
