@@ -79,6 +79,27 @@ def test_w8a8_file_checks_and_matches_pytorch(tmp_path):
     assert "BatchNormalization" in report.layers[0].note and "graph output" in report.layers[3].note
 
 
+def test_mixed_precision_model_exports_each_layers_own_bits(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
+                        nn.ReLU(), nn.Conv2d(16, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    with torch.no_grad():
+        net[4].weight.mul_(30)
+    with pytest.warns(UserWarning, match="budget bits exactly"):  # 4 small layers: the budget is not met exactly
+        rep = vq.quantize_model(net, 4, 4, act_range="bn", probe=PROBE, progress=False, mixed_precision="weights",
+                                mixed_min_bits=2)
+    bits = [r.weight_bits for r in rep.layers]
+    assert bits == [7, 5, 3, 7]
+    x = torch.rand(4, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "mixed.onnx", x)
+    assert np.abs(got - want).max() < 1e-4
+    dq = weight_dq(tmp_path / "mixed.onnx")
+    assert len(dq) == 4
+    for (codes, _, zero), b in zip(dq, bits):  # each layer on its own grid
+        levels = codes.astype(np.int64) - zero.astype(np.int64).reshape(-1, *[1] * (codes.ndim - 1))
+        assert max(len(np.unique(row)) for row in levels.reshape(len(levels), -1)) <= 2 ** b
+
+
 def test_weights_are_integer_codes_with_per_channel_scale_and_zero_point(tmp_path):
     net = tiny()
     floats = {name: m.weight.detach().clone() for name, m in vq.quantizable_layers(net)}

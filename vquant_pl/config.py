@@ -99,7 +99,8 @@ class QuantConfig:
             ``weights`` (per-layer weight bits from each layer's BatchNorm-derived output NSR,
             averaging exactly ``weight_bits`` by parameter count), ``all`` (also input bits,
             from the noise each input adds to the outputs, averaging exactly ``act_bits`` by
-            elements per image; needs BatchNorm ranges), or None (uniform; the default).
+            elements per image; needs BatchNorm ranges), or None (uniform; the default). Exactly
+            unless a warning says the budget could not be spent; ``report.bit_budget`` has the averages.
         mixed_min_bits: the fewest bits one layer gets under ``mixed_precision`` (2..8).
 
     Raises:
@@ -177,6 +178,9 @@ class QuantConfig:
         if self.mixed_precision is not None:
             _choice(self.mixed_precision, "mixed_precision", MixedPrecision)
             check_bits(self.mixed_min_bits, "mixed_min_bits")
+            if self.weight_clip:
+                raise ValueError("weight_clip clips every layer for weight_bits, but mixed_precision gives the layers "
+                                 "other bits: use one or the other")
             if self.mixed_precision == "all" and (not self.quantizes_activations or not self.ranges_from_bn):
                 raise ValueError("mixed_precision='all' allocates input bits from BatchNorm statistics: it needs "
                                  "quantized activations and act_range='bn', or ACIQ with aciq_stats='bn' "

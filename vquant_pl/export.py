@@ -209,12 +209,12 @@ def _weight_qdq(name: str, quantized: Tensor, before: Tensor, channel_bits: Tens
     return _QDQ(dtype, _reciprocal(scale).reshape(-1), zpo, None, 0, codes), note
 
 
-def _weight_bits(layer_name: str, before: Tensor, config) -> Tensor:
-    """Bits per output channel, as `quantize_model` gave them (ACIQ bit allocation or uniform)."""
-    bits = weight_channel_bits(before, config.weight_bits, config.bit_allocation_rule) if config.bit_allocation \
-        else None
+def _weight_bits(layer_name: str, before: Tensor, config, layer_bits: int) -> Tensor:
+    """Bits per output channel, as `quantize_model` gave them: ACIQ's bit allocation around the
+    layer's bits, or the layer's bits (`config.weight_bits`, or its own under mixed precision)."""
+    bits = weight_channel_bits(before, layer_bits, config.bit_allocation_rule) if config.bit_allocation else None
     if bits is None:
-        return torch.full((before.shape[0],), config.weight_bits, dtype=torch.long)
+        return torch.full((before.shape[0],), layer_bits, dtype=torch.long)
     if bool((bits == 0).any()):
         raise ValueError(f"layer {layer_name!r}: output channel {int((bits == 0).nonzero()[0])} got 0 bits from the "
                          "bit allocation (its weights are set to their minimum): it has no integer grid to export")
@@ -380,7 +380,8 @@ def _prepare_vquant(twin: nn.Module, original: nn.Module, keys: Iterator[str], f
             w_desc = "shared"
         else:
             key = next(keys)
-            p, note = _weight_qdq(name, weight, before[name], _weight_bits(name, before[name], config), four_bit)
+            bits = _weight_bits(name, before[name], config, state.row.weight_bits)
+            p, note = _weight_qdq(name, weight, before[name], bits, four_bit)
             _PARAMS[key] = p
             parametrize.register_parametrization(copy_layer, "weight", _KeyedWeight(key), unsafe=True)
             done[id(weight)] = (name, note)

@@ -210,8 +210,12 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
 
     config, method, first = plan.config, plan.method, plan.layers[0][1]
     stats = bn_stats(model, [name for name, _ in plan.layers])
-    shape = (1, *(config.probe_shape or default_probe_shape(model, first))[1:])
-    example = torch.zeros(shape, device=first.weight.device, dtype=first.weight.dtype)  # shapes only
+    if isinstance(probe, Tensor):  # the inputs' element counts at the size the model will be run at
+        shape = probe.shape
+    else:
+        shape = (probe.shape if isinstance(probe, Probe) else None) or config.probe_shape or \
+            default_probe_shape(model, first)
+    example = torch.zeros((1, *shape[1:]), device=first.weight.device, dtype=first.weight.dtype)  # shapes only
     inputs = config.mixed_precision == "all"
     gain_probe = None
     if inputs:  # the output gains of the inputs are measured on the run's probe (its first samples)
@@ -222,12 +226,12 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
         elif isinstance(given, Tensor):
             given = given[:GAIN_PROBES]  # moved to the device after the cut
         gain_probe = make_probe(given, model, first, first.weight.device, first.weight.dtype)
-    alloc = allocate(model, plan.layers, stats, config.weight_bits, plan.act_bits,
+    alloc = allocate(model, plan.layers, stats, config.weight_bits, _layer_act_bits(config, len(plan.layers)),
                      config.act_bits if inputs else None,
                      lambda s, b, layer: method.range_from_bn(s, b, config, layer), example, config.mixed_min_bits,
                      config.rounding, plan.backend, gain_probe)
     plan.weight_bits, plan.act_bits = alloc.weight_bits, alloc.act_bits
-    plan.bit_budget = {"weight_average": alloc.weight_average, "params": sum(alloc.params),
+    plan.bit_budget = {"weight_average": alloc.weight_average, "params": alloc.weight_budget,
                        "act_average": alloc.act_average, "act_elements": alloc.act_budget}
 
 
@@ -248,7 +252,7 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
         if not isinstance(module, QUANTIZABLE):
             for what, t in module.named_parameters(prefix=owner, recurse=False):
                 plan.readers.setdefault(storage_key(t), []).append(what)
-    if config.mixed_precision is not None:
+    if config.mixed_precision is not None and not config.equalize:  # else after equalizing (quantize_model)
         _allocate_bits(model, plan, probe)
     if not config.quantizes_activations:
         return plan

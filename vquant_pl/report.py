@@ -90,7 +90,8 @@ class QuantReport:
     def to_dict(self) -> dict:
         """Plain values (JSON-ready): the resolved settings, every layer and the totals."""
         return {"config": self.config.to_dict(resolved=True) | {"sigma": self.sigma}, "backend": self.backend,
-                "probe": self.probe, "bit_budget": self.bit_budget, "weight_time_s": self.weight_time_s, "probe_time_s": self.probe_time_s,
+                "probe": self.probe, "bit_budget": self.bit_budget, "weight_time_s": self.weight_time_s,
+                "probe_time_s": self.probe_time_s,
                 "num_layers": self.num_layers, "num_weights": self.num_weights,
                 "layers": [asdict(r) for r in self.layers]}
 

@@ -1,6 +1,6 @@
 """Mixed precision on a fixed budget (vquant_pl.methods.bit_budget, QuantConfig.mixed_precision)."""
 import itertools
-from operator import mul
+import warnings
 
 import pytest
 import torch
@@ -129,36 +129,69 @@ def test_exact_fill_is_taken_even_where_it_raises_the_cost():
 
 
 def test_exact_fill_is_the_cheapest_exact_fill_within_reach():
-    # against brute force over every combination of moves of at most FILL_REACH steps
+    # against brute force over every combination of moves of at most 2 steps, also with
+    # candidate widths that are not consecutive and running sums far outside [0, left]
     gen = torch.Generator().manual_seed(0)
-    reach, checked = 2, 0
-    for _ in range(60):
+    checked = 0
+    for case in range(150):
+        widths = ((2, 3, 4, 5, 6), (2, 4, 8, 9, 10))[case % 2]
         n = int(torch.randint(1, 5, (1,), generator=gen))
         nsr = torch.rand(n, 5, generator=gen, dtype=torch.float64).sort(1, descending=True).values
         pos = torch.randint(0, 5, (n,), generator=gen).tolist()
-        costs = torch.randint(1, 10, (n,), generator=gen).tolist()
-        left, lowest = int(torch.randint(0, 13, (1,), generator=gen)), int(torch.randint(0, 2, (1,), generator=gen))
+        costs = torch.randint(1, 31, (n,), generator=gen).tolist()
+        left, lowest = int(torch.randint(0, 41, (1,), generator=gen)), int(torch.randint(0, 2, (1,), generator=gen))
         best = None
-        for steps in itertools.product(range(-reach, reach + 1), repeat=n):
+        for steps in itertools.product(range(-2, 3), repeat=n):
             q = [p + s for p, s in zip(pos, steps)]
-            if any(s and not lowest <= b < 5 for b, s in zip(q, steps)) or sum(map(mul, costs, steps)) != left:
+            if any(s and not lowest <= b < 5 for b, s in zip(q, steps)):
+                continue
+            if sum(c * (widths[b] - widths[p]) for c, b, p in zip(costs, q, pos)) != left:
                 continue
             added = sum(float(nsr[l, q[l]] - nsr[l, pos[l]]) for l in range(n))
             best = added if best is None else min(best, added)
-        got = exact_fill(nsr, pos, costs, left, lowest, reach)
+        got = exact_fill(nsr, pos, costs, left, lowest, 2, widths)
         if best is None:
             assert got == pos
             continue
         checked += 1
-        assert sum(c * (g - p) for c, g, p in zip(costs, got, pos)) == left
+        assert sum(c * (widths[g] - widths[p]) for c, g, p in zip(costs, got, pos)) == left
         assert sum(float(nsr[l, got[l]] - nsr[l, pos[l]]) for l in range(n)) == pytest.approx(best, abs=1e-12)
-    assert checked > 30
+    assert checked > 20
+
+
+def test_greedy_bits_exact_where_the_running_sum_strays_far_from_the_rest():
+    # the greedy leaves [3, 6, 6, 5, 2]; spending the rest exactly needs running sums far
+    # outside [0, left] (a narrower table warned here)
+    nsr = torch.tensor([[0.72, 0.5244, 0.5123, 0.4879, 0.0313], [0.9613, 0.4823, 0.2608, 0.0744, 0.0076],
+                        [0.81, 0.6163, 0.517, 0.3145, 0.0097], [0.813, 0.8009, 0.5795, 0.5045, 0.2944],
+                        [0.8492, 0.8472, 0.7375, 0.723, 0.4005]], dtype=torch.float64)
+    costs = [39, 16, 21, 6, 23]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bits = greedy_bits(nsr, costs, 4, 2, (2, 3, 4, 5, 6))
+    assert sum(c * b for c, b in zip(costs, bits)) == 4 * sum(costs)
+
+
+def test_exact_fill_searches_a_band_when_the_table_is_too_large(monkeypatch):
+    nsr = torch.tensor([[16.0, 8.0, 4.0, 2.0, 1.0]] * 6, dtype=torch.float64)
+    costs, pos = [3, 5, 7, 11, 13, 17], [2] * 6
+    assert exact_fill(nsr, pos, costs, 4, 0) == [3, 3, 3, 1, 2, 2]  # +3 +5 +7 -11: NSR -2 (282 table entries)
+    monkeypatch.setattr(bit_budget, "FILL_CELLS", 60)
+    banded = exact_fill(nsr, pos, costs, 4, 0)  # running sums kept near [0, 4]: still exact, not the cheapest
+    assert sum(c * (b - p) for c, b, p in zip(costs, banded, pos)) == 4 and banded == [1, 2, 3, 2, 2, 2]
+
+
+def test_greedy_bits_never_exceeds_the_budget_with_wide_steps():
+    nsr = torch.tensor([[9.0, 3.0, 1.0], [9.0, 3.0, 1.0]], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="the average is 2.66667, not 3"):
+        bits = greedy_bits(nsr, [1, 2], 3, 2, (2, 4, 8))
+    assert 1 * bits[0] + 2 * bits[1] <= 9
 
 
 def test_greedy_bits_warns_when_the_budget_cannot_be_spent_exactly(monkeypatch):
     nsr = torch.tensor([[4.0, 2.0, 1.0], [4.0, 2.0, 1.0]], dtype=torch.float64)
-    monkeypatch.setattr(bit_budget, "exact_fill", lambda nsr, pos, *a: list(pos))  # nothing spends it
-    with pytest.warns(UserWarning, match=r"last 3 of 21 budget bits exactly; the average stays 0.43 bits below 3"):
+    monkeypatch.setattr(bit_budget, "exact_fill", lambda nsr, pos, *a, **k: list(pos))  # nothing spends it
+    with pytest.warns(UserWarning, match=r"last 3 of 21 budget bits exactly; the average is 2.57143, not 3"):
         assert greedy_bits(nsr, [2, 5], 3, 2, (2, 3, 4)) == [4, 2]
 
 
@@ -267,8 +300,8 @@ def test_mixed_at_eight_bits_is_uniform_eight():
 
 
 def test_bits_are_allocated_for_the_transformed_model(monkeypatch):
-    # equalize / weight_clip change the weights and BatchNorm after the plan: the bits must be
-    # chosen for the model that is quantized, not the one before the transforms
+    # equalize changes the weights and BatchNorm after the plan: the bits are chosen once, for
+    # the model that is quantized, from the rules' input bits
     from vquant_pl.methods.equalize import equalize
 
     net, ref = _net(), _net()
@@ -276,10 +309,43 @@ def test_bits_are_allocated_for_the_transformed_model(monkeypatch):
         equalize(ref, 0.5, 4.0)
     seen = []
     real = bit_budget.allocate
-    monkeypatch.setattr(bit_budget, "allocate", lambda model, layers, *a, **k: (
-        seen.append([layer.weight.detach().clone() for _, layer in layers]), real(model, layers, *a, **k))[1])
-    vq.quantize_model(net, config=QuantConfig(mixed_precision="all", mixed_min_bits=2, equalize=True))
+
+    def spy(model, layers, stats, weight_bits, act_bits, *a, **k):
+        seen.append(([layer.weight.detach().clone() for _, layer in layers], list(act_bits)))
+        return real(model, layers, stats, weight_bits, act_bits, *a, **k)
+
+    monkeypatch.setattr(bit_budget, "allocate", spy)
+    rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="all", mixed_min_bits=2, equalize=True))
     vq.restore_model(net)
-    expected = [layer.weight for _, layer in quantizable_layers(ref)]
-    assert not all(torch.allclose(w, e) for w, e in zip(seen[0], expected))  # the plan saw the original
-    assert all(torch.allclose(w, e) for w, e in zip(seen[-1], expected))  # the bits: the equalized model
+    assert len(seen) == 1
+    weights, act_bits = seen[0]
+    assert all(torch.allclose(w, layer.weight) for w, (_, layer) in zip(weights, quantizable_layers(ref)))
+    assert act_bits == [None, 4, 4, 8]
+    assert rep.bit_budget["act_average"] == 4.0
+
+
+def test_tied_weights_share_their_bits_and_count_once():
+    torch.manual_seed(0)
+    fc = nn.Linear(32, 32)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), fc, nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    net[4].weight = fc.weight  # tied: one tensor, two layers
+    rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="weights", mixed_min_bits=2,
+                                                    probe_shape=(8, 16)))
+    bits = [r.weight_bits for r in rep.layers]
+    assert bits[1] == bits[2]  # the report tells the bits the shared tensor got
+    params = [16 * 32, 32 * 32, 32 * 10]  # the tied tensor once
+    assert rep.bit_budget["params"] == sum(params)
+    average = sum(p * b for p, b in zip(params, [bits[0], bits[1], bits[3]])) / sum(params)
+    assert rep.bit_budget["weight_average"] == average
+    vq.restore_model(net)
+
+
+def test_element_counts_follow_a_given_probe_and_weight_clip_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 10)).eval()
+    with pytest.warns(UserWarning, match="the average is 3.34884, not 4"):  # 216 and 2880 parameters
+        rep = vq.quantize_model(net, probe=torch.rand(4, 3, 8, 8), config=QuantConfig(mixed_precision="all"))
+    assert rep.bit_budget["act_elements"] == 0 and rep.bit_budget["act_average"] is None  # first float, last 8
+    vq.restore_model(net)
+    with pytest.raises(ValueError, match="weight_clip clips every layer for weight_bits"):
+        QuantConfig(mixed_precision="weights", weight_clip=True)

@@ -23,8 +23,10 @@ The bits minimize the summed cost under the budget `sum_l n_l b_l = target * sum
 with `n_l` the layer's parameter count (weights) or its input's element count per image
 (activations): a greedy on the marginal gain per budget bit, from `min_bits` up, then the
 cheapest moves of at most two steps per layer that spend the rest exactly (`exact_fill`, a
-dynamic program; a warning where none exist). Layers whose input bits are fixed by the rules (the first layer's float input, the last layer's 8 bits)
-or that no BatchNorm feeds keep their bits and are outside the activation budget.
+dynamic program; a warning where none exist). A weight tied to several layers counts once
+and gives them one width. Layers whose input bits are fixed by the rules (the first layer's
+float input, the last layer's 8 bits) or that no BatchNorm feeds keep their bits and are
+outside the activation budget.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 from ..layers import groups, in_channels, input_channel_dim
 from ..ops.affine import ActivationQuantizer
 from ..ops.weights import quantize_weight
+from ..state import storage_key
 from .bn_graph import ChannelStats
 from .bn_mse import sample_stats
 
@@ -51,7 +54,8 @@ GAIN_PROBES = 32
 #: Steps (candidate widths) one layer may move from the greedy's bits to spend a budget
 #: exactly (`exact_fill`; 2 and 3 give the same allocations on EfficientNet-Lite0, docs/w4a4.md).
 FILL_REACH = 2
-#: The most entries of `exact_fill`'s table (layers x budget units), bounding its memory.
+#: The most entries of `exact_fill`'s table (the running sums kept, summed over the layers):
+#: 32 MB of int8 choices.
 FILL_CELLS = 1 << 25
 
 
@@ -61,9 +65,10 @@ class Allocation:
 
     `weight_bits[l]`/`act_bits[l]` per layer (act None where the input stays float);
     `weight_average`/`act_average` the budget-weighted means actually reached (the
-    target, unless a warning said the budget could not be spent exactly); `params`/`elements` the weights' parameter counts and the inputs'
-    element counts per image; `act_budget` the elements per image of the inputs inside the
-    budget (the others keep the rules' bits)."""
+    target, unless a warning said the budget could not be spent exactly); `params`/`elements`
+    the weights' parameter counts and the inputs' element counts per image; `act_budget` the elements per image of the inputs inside the
+    budget (the others keep the rules' bits); `weight_budget` the parameters, a weight tied
+    to several layers counted once (those layers share its bits)."""
 
     weight_bits: list[int]
     act_bits: list[int | None]
@@ -72,6 +77,7 @@ class Allocation:
     params: list[int]
     elements: list[int]
     act_budget: int = 0
+    weight_budget: int = 0
 
 
 def _input_moments(layer: nn.Module, stats: ChannelStats | None, samples: int = 512) -> tuple[Tensor, Tensor]:
@@ -207,69 +213,103 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
             break
         left -= costs[best] * (bits[pos[best] + 1] - bits[pos[best]])
         pos[best] += 1
-    filled = exact_fill(nsr, pos, costs, left, bits.index(min_bits))
-    spent = sum(c * (f - p) for c, f, p in zip(costs, filled, pos))
+    filled = exact_fill(nsr, pos, costs, left, bits.index(min_bits), widths=bits)
+    spent = sum(c * (bits[f] - bits[p]) for c, f, p in zip(costs, filled, pos))
     if spent != left:
-        warnings.warn(f"mixed precision: no moves of at most {FILL_REACH} steps per layer spend the last {left} of "
-                      f"{target * sum(costs)} budget bits exactly; the average stays "
-                      f"{left / sum(costs):.2g} bits below {target}", stacklevel=3)
+        reach = FILL_REACH
+        warnings.warn(f"mixed precision: no moves of at most {reach} step{'s' * (reach != 1)} per layer spend the last "
+                      f"{left} of {target * sum(costs)} budget bits exactly; the average is "
+                      f"{target - left / sum(costs):.5f}, not {target}", stacklevel=3)
     return [bits[p] for p in filled]
 
 
-def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest: int,
-               reach: int = FILL_REACH) -> list[int]:
+def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest: int, reach: int | None = None,
+               widths: tuple[int, ...] | None = None) -> list[int]:
     """Positions (indices into the candidate widths) that spend `left` more budget exactly (0:
     moves that only trade bits between layers) and add the least summed NSR, each layer moved
-    at most `reach` steps up or down from `pos`, never below `lowest`.
+    at most `reach` (default `FILL_REACH`) steps up or down from `pos`, never below `lowest`.
 
-    Dynamic programming over the budget spent, in units of the costs' greatest common
-    divisor, the running sum kept within `reach` times the largest layer cost around
-    `[0, left]`. Taken even where it raises the summed NSR: the budget is the contract. Layers
-    join smallest first while the table stays under `FILL_CELLS` entries (a larger layer then
-    keeps its bits); `pos` comes back unchanged where nothing spends `left` exactly.
+    `widths` are the candidate bit widths (default: consecutive, one bit per step); a step of
+    layer `l` spends `costs[l]` per bit. Dynamic programming over the budget spent, in units of
+    the costs' greatest common divisor, layer by layer (smallest first), over every running
+    sum from which `left` can still be reached: exact within `reach`. Where that table would
+    exceed `FILL_CELLS` entries, the running sums are kept within the widest band around
+    `[0, left]` that fits (a search, no longer exhaustive). The fill is taken even where it
+    raises the summed NSR: the budget is the contract; `pos` comes back unchanged where
+    nothing found spends `left` exactly.
 
     Example:
         >>> exact_fill(torch.tensor([[2., 1., .5], [2., 1., .5]]), [1, 0], [3, 5], 2, 0)  # +5 -3
         [0, 1]
     """
+    reach = FILL_REACH if reach is None else reach
+    widths = tuple(range(nsr.shape[1])) if widths is None else widths
     if not costs:
         return []
     unit = math.gcd(left, *costs)
-    units = [c // unit for c in costs]
-    joined: list[int] = []
-    for l in sorted(range(len(costs)), key=units.__getitem__):
-        if (left // unit + 2 * reach * units[l] + 1) * (len(joined) + 1) > FILL_CELLS:
-            break
-        joined.append(l)
-    if not joined:
+    moves = []  # per layer: (step, budget units, NSR change), step 0 first (ties keep the bits)
+    for l, (c, p) in enumerate(zip(costs, pos)):
+        steps = [s for s in range(-reach, reach + 1) if s == 0 or lowest <= p + s < len(widths)]
+        moves.append([(s, c // unit * (widths[p + s] - widths[p]), float(nsr[l, p + s] - nsr[l, p]))
+                      for s in sorted(steps, key=abs)])
+    order = sorted(range(len(costs)), key=lambda l: costs[l])
+    target = left // unit
+    windows = _fill_windows([moves[l] for l in order], target)
+    if windows is None:
         return list(pos)
-    span = reach * max(units[l] for l in joined)
-    width = left // unit + 2 * span + 1  # running sums -span .. left + span
-    best = torch.full((width,), math.inf, dtype=torch.float64)
-    best[span] = 0.0
+    if sum(hi - lo + 1 for lo, hi in windows) > FILL_CELLS:  # the widest band around [0, target] that fits
+        low, high = 0, max(max(abs(lo), abs(hi - target)) for lo, hi in windows)
+        while low < high:
+            band = (low + high + 1) // 2
+            if sum(max(0, min(hi, target + band) - max(lo, -band) + 1) for lo, hi in windows) <= FILL_CELLS:
+                low = band
+            else:
+                high = band - 1
+        windows = [(max(lo, -low), min(hi, target + low)) for lo, hi in windows]
+        if any(lo > hi for lo, hi in windows):
+            return list(pos)
+    lo, best = 0, torch.zeros(1, dtype=torch.float64)
     picks = []
-    for l in joined:
-        new, pick = best.clone(), torch.zeros(width, dtype=torch.int8)
-        for step in range(-reach, reach + 1):
-            if step == 0 or not lowest <= pos[l] + step < nsr.shape[1]:
+    for l, (new_lo, new_hi) in zip(order, windows):
+        new = torch.full((new_hi - new_lo + 1,), math.inf, dtype=torch.float64)
+        pick = torch.zeros(new_hi - new_lo + 1, dtype=torch.int8)
+        hi = lo + len(best) - 1
+        for step, spend, added in moves[l]:
+            t0, t1 = max(new_lo, lo + spend), min(new_hi, hi + spend)  # running sums t reached from t - spend
+            if t0 > t1:
                 continue
-            shift = step * units[l]
-            moved = torch.full((width,), math.inf, dtype=torch.float64)
-            moved[max(shift, 0):width + min(shift, 0)] = best[max(-shift, 0):width - max(shift, 0)]
-            moved += float(nsr[l, pos[l] + step] - nsr[l, pos[l]])
-            better = moved < new
-            new, pick = torch.where(better, moved, new), torch.where(better, step, pick).to(torch.int8)
-        best = new
+            cand = best[t0 - spend - lo:t1 - spend - lo + 1] + added
+            better = cand < new[t0 - new_lo:t1 - new_lo + 1]
+            new[t0 - new_lo:t1 - new_lo + 1][better] = cand[better]
+            pick[t0 - new_lo:t1 - new_lo + 1][better] = step
+        lo, best = new_lo, new
         picks.append(pick)
-    at = span + left // unit
-    if not math.isfinite(float(best[at])):
+    if not math.isfinite(float(best[target - lo])):
         return list(pos)
-    out = list(pos)
-    for l, pick in zip(reversed(joined), reversed(picks)):
-        step = int(pick[at])
+    out, at = list(pos), target
+    for l, pick, (w_lo, _) in zip(reversed(order), reversed(picks), reversed(windows)):
+        step = int(pick[at - w_lo])
+        at -= next(spend for s, spend, _ in moves[l] if s == step)
         out[l] += step
-        at -= step * units[l]
     return out
+
+
+def _fill_windows(moves: list[list[tuple]], target: int) -> list[tuple[int, int]] | None:
+    """For each layer of `exact_fill`'s table, the running sums after it that the moves so far
+    can reach and from which the rest can still reach `target`; None where `target` is out of reach."""
+    low = [min(m[1] for m in ms) for ms in moves]
+    high = [max(m[1] for m in ms) for ms in moves]
+    rest_low, rest_high = sum(low), sum(high)
+    done_low = done_high = 0
+    windows = []
+    for a, b in zip(low, high):
+        done_low, done_high = done_low + a, done_high + b
+        rest_low, rest_high = rest_low - a, rest_high - b
+        lo, hi = max(done_low, target - rest_high), min(done_high, target - rest_low)
+        if lo > hi:
+            return None
+        windows.append((lo, hi))
+    return windows
 
 
 def _input_elements(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Tensor) -> list[int]:
@@ -328,9 +368,12 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
     params = [int(layer.weight.numel()) for _, layer in layers]
     elements = _input_elements(model, layers, example)
     good = lambda name: not isinstance(stats.get(name), (str, type(None)))  # noqa: E731
-    w_nsr = torch.stack([weight_nsr(layer, stats[name] if good(name) else None, rounding=rounding, backend=backend)
-                         for name, layer in layers])
-    w_out = greedy_bits(w_nsr, params, weight_bits, min(min_bits, weight_bits))
+    keys = [storage_key(layer.weight) for _, layer in layers]
+    own = [i for i, k in enumerate(keys) if keys.index(k) == i]  # a weight tied to several layers counts once
+    w_nsr = torch.stack([weight_nsr(layers[i][1], stats[layers[i][0]] if good(layers[i][0]) else None,
+                                    rounding=rounding, backend=backend) for i in own])
+    w_own = greedy_bits(w_nsr, [params[i] for i in own], weight_bits, min(min_bits, weight_bits))
+    w_out = [w_own[own.index(keys.index(k))] for k in keys]  # the tied layers: their owner's bits
     a_out = list(act_bits)
     a_avg, a_budget = None, 0
     if act_target is not None:
@@ -354,5 +397,6 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
                 a_out[i] = b
             a_budget = sum(elements[i] for i in free)
             a_avg = sum(elements[i] * a_out[i] for i in free) / a_budget
-    w_avg = sum(p * b for p, b in zip(params, w_out)) / sum(params)
-    return Allocation(w_out, a_out, w_avg, a_avg, params, elements, a_budget)
+    w_budget = sum(params[i] for i in own)
+    w_avg = sum(params[i] * w_out[i] for i in own) / w_budget
+    return Allocation(w_out, a_out, w_avg, a_avg, params, elements, a_budget, w_budget)
