@@ -79,7 +79,8 @@ def test_w8a8_file_checks_and_matches_pytorch(tmp_path):
     assert "BatchNormalization" in report.layers[0].note and "graph output" in report.layers[3].note
 
 
-def test_mixed_precision_model_exports_each_layers_own_bits(tmp_path):
+@pytest.mark.parametrize("weight_clip", [False, True])  # clipped for each layer's own bits, in both
+def test_mixed_precision_model_exports_each_layers_own_bits(tmp_path, weight_clip):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
                         nn.ReLU(), nn.Conv2d(16, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
@@ -87,7 +88,7 @@ def test_mixed_precision_model_exports_each_layers_own_bits(tmp_path):
         net[4].weight.mul_(30)
     with pytest.warns(UserWarning, match="budget bits exactly"):  # 4 small layers: the budget is not met exactly
         rep = vq.quantize_model(net, 4, 4, act_range="bn", probe=PROBE, progress=False, mixed_precision="weights",
-                                mixed_min_bits=2)
+                                mixed_min_bits=2, weight_clip=weight_clip)
     bits = [r.weight_bits for r in rep.layers]
     assert bits == [7, 5, 3, 7]
     x = torch.rand(4, 3, 16, 16)

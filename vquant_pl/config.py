@@ -178,9 +178,6 @@ class QuantConfig:
         if self.mixed_precision is not None:
             _choice(self.mixed_precision, "mixed_precision", MixedPrecision)
             check_bits(self.mixed_min_bits, "mixed_min_bits")
-            if self.weight_clip:
-                raise ValueError("weight_clip clips every layer for weight_bits, but mixed_precision gives the layers "
-                                 "other bits: use one or the other")
             if self.mixed_precision == "all" and (not self.quantizes_activations or not self.ranges_from_bn):
                 raise ValueError("mixed_precision='all' allocates input bits from BatchNorm statistics: it needs "
                                  "quantized activations and act_range='bn', or ACIQ with aciq_stats='bn' "

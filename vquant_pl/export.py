@@ -230,7 +230,8 @@ def _weights_before_rounding(model: nn.Module, states: list) -> dict[str, Tensor
         twin = copy.deepcopy(model)
         restore_all(twin)
         layers = [(name, twin.get_submodule(name)) for name, _, _ in states]
-        apply_transforms(twin, config, save=lambda module, name: True, layers=layers)
+        bits = {name: state.row.weight_bits for name, _, state in states}  # each layer's, under mixed precision
+        apply_transforms(twin, config, save=lambda module, name: True, layers=layers, weight_bits=bits)
         return {name: twin.get_submodule(name).weight.detach().clone() for name, _, _ in states}
     saved: dict[int, Tensor] = {}
     for module in model.modules():

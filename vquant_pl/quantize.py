@@ -252,7 +252,7 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
         if not isinstance(module, QUANTIZABLE):
             for what, t in module.named_parameters(prefix=owner, recurse=False):
                 plan.readers.setdefault(storage_key(t), []).append(what)
-    if config.mixed_precision is not None and not config.equalize:  # else after equalizing (quantize_model)
+    if config.mixed_precision is not None and not (config.equalize or config.weight_clip):  # else in _prepare
         _allocate_bits(model, plan, probe)
     if not config.quantizes_activations:
         return plan
@@ -286,10 +286,11 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
 
 # -- weights ------------------------------------------------------------------------------
 def apply_transforms(model: nn.Module, config: QuantConfig, save=save_original,
-                     layers: list[tuple[str, nn.Module]] | None = None) -> bool:
+                     layers: list[tuple[str, nn.Module]] | None = None,
+                     weight_bits: dict[str, int] | None = None) -> bool:
     """The pre-quantization transforms of the float model that `config` asks for
-    (`equalize`, then `weight_clip`); `save(module, name)` is called before a tensor
-    changes. True when one ran."""
+    (`equalize`, then `weight_clip`, for `config.weight_bits` or each layer's `weight_bits`);
+    `save(module, name)` is called before a tensor changes. True when one ran."""
     if config.equalize:
         from .methods.equalize import equalize
 
@@ -297,13 +298,22 @@ def apply_transforms(model: nn.Module, config: QuantConfig, save=save_original,
     if config.weight_clip:
         from .methods.weight_clip import clip_weights
 
-        clip_weights(model, config.weight_bits, save=save, layers=layers)
+        clip_weights(model, config.weight_bits if weight_bits is None else weight_bits, save=save, layers=layers)
     return config.equalize or config.weight_clip
 
 
-def _prepare(model: nn.Module, plan: _Plan) -> bool:
-    """The transforms, each saving what it changes so that `restore_model` undoes it."""
-    return apply_transforms(model, plan.config, save_original, plan.layers)
+def _prepare(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> bool:
+    """The transforms, each saving what it changes so that `restore_model` undoes it. Under
+    `mixed_precision` the bits are allocated for the equalized model, and each layer is then
+    clipped for its own bits."""
+    config = plan.config
+    if config.mixed_precision is None or not (config.equalize or config.weight_clip):
+        return apply_transforms(model, config, save_original, plan.layers)
+    apply_transforms(model, config.replace(weight_clip=False), save_original, plan.layers)
+    _allocate_bits(model, plan, probe)
+    apply_transforms(model, config.replace(equalize=False), save_original, plan.layers,
+                     {name: b for (name, _), b in zip(plan.layers, plan.weight_bits)})
+    return True
 
 
 def quantize_layer_weight(weight: Tensor, bits: int, rounding: str, backend: str | None,
@@ -641,9 +651,7 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
         try:
-            if _prepare(model, plan):  # the transforms changed the weights and BatchNorm parameters
-                if config.mixed_precision is not None:
-                    _allocate_bits(model, plan, probe)  # bits for the transformed model
+            if _prepare(model, plan, probe):  # the transforms changed the weights and BatchNorm parameters
                 if config.quantizes_activations and plan.method.uses_bn(config):
                     _bn_ranges(model, plan)
             run.bit_budget = plan.bit_budget

@@ -340,12 +340,23 @@ def test_tied_weights_share_their_bits_and_count_once():
     vq.restore_model(net)
 
 
-def test_element_counts_follow_a_given_probe_and_weight_clip_is_refused():
+def test_element_counts_follow_a_given_probe():
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(),
                         nn.Linear(8 * 6 * 6, 10)).eval()
     with pytest.warns(UserWarning, match="the average is 3.34884, not 4"):  # 216 and 2880 parameters
         rep = vq.quantize_model(net, probe=torch.rand(4, 3, 8, 8), config=QuantConfig(mixed_precision="all"))
     assert rep.bit_budget["act_elements"] == 0 and rep.bit_budget["act_average"] is None  # first float, last 8
     vq.restore_model(net)
-    with pytest.raises(ValueError, match="weight_clip clips every layer for weight_bits"):
-        QuantConfig(mixed_precision="weights", weight_clip=True)
+
+
+def test_weight_clip_under_mixed_precision_clips_each_layer_for_its_own_bits(monkeypatch):
+    from vquant_pl.methods import weight_clip
+
+    asked = []
+    real = weight_clip.clip_ratios
+    monkeypatch.setattr(weight_clip, "clip_ratios", lambda w, bits, *a: (asked.append(bits), real(w, bits, *a))[1])
+    net = _net()
+    rep = vq.quantize_model(net, config=QuantConfig(mixed_precision="weights", mixed_min_bits=2, weight_clip=True))
+    bits = [r.weight_bits for r in rep.layers]
+    assert asked == bits and len(set(bits)) > 1
+    vq.restore_model(net)

@@ -11,6 +11,8 @@ is applied by clamping the float weight in place (saved first, restored exactly 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -80,13 +82,13 @@ def input_moments(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict
 
 
 @torch.no_grad()
-def clip_weights(model: nn.Module, bits: int, grid: int = 16, min_ratio: float = 0.4, weighted: bool = True,
+def clip_weights(model: nn.Module, bits: int | Mapping[str, int], grid: int = 16, min_ratio: float = 0.4, weighted: bool = True,
                  save: SaveFn | None = None, layers: list[tuple[str, nn.Module]] | None = None) -> dict[str, Tensor]:
     """Clamp every quantizable layer's weight per output channel to its MSE-optimal range.
 
     Args:
         model: the float model (changed in place).
-        bits: the weight bits the clip is optimized for.
+        bits: the weight bits the clip is optimized for, or each layer's (by name).
         grid, min_ratio: the searched ratios (see `clip_ratios`).
         weighted: weight the error by `E[x^2]` of the input channel, from BatchNorm.
         save: called as `save(module, "weight")` first (default `vquant_pl.state.save_original`).
@@ -113,7 +115,8 @@ def clip_weights(model: nn.Module, bits: int, grid: int = 16, min_ratio: float =
     moments = input_moments(model, layers) if weighted else {}
     out = {}
     for name, layer in layers:
-        ratios = clip_ratios(layer.weight, bits, moments.get(name), grid, min_ratio)
+        ratios = clip_ratios(layer.weight, bits if isinstance(bits, int) else bits[name], moments.get(name), grid,
+                             min_ratio)
         out[name] = ratios
         if bool((ratios == 1).all()):
             continue
