@@ -393,7 +393,7 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
         if channel_bits is not None:
             row.note = _join(row.note, f"channel bits {int(channel_bits.min())}..{int(channel_bits.max())}")
         elif config.bit_allocation:
-            row.note = (f"no bit allocation at {config.weight_bits} bits (ACIQ allocates at 4 bits or fewer)"
+            row.note = (f"no bit allocation at {row.weight_bits} bits (ACIQ allocates at 4 bits or fewer)"
                         if weight.shape[0] > 1 else "no bit allocation: one output channel")
     return rows, time.perf_counter() - start
 

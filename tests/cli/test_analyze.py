@@ -144,3 +144,23 @@ def test_error_kinds_rows_match_independent_runs():
     vq.restore_model(net)
     assert rows[1].kl > 0 and rows[1].kl == pytest.approx(float((ref.exp() * (ref - logp)).sum(1).mean()), rel=1e-4)
     assert "| full setting |" in kinds_table(rows, 16)
+
+
+def test_transformed_copy_quantizes_as_quantize_model_under_mixed_precision_and_weight_clip():
+    # the copy keeps weight_clip under mixed precision: each layer clipped for its own bits
+    from vquant_pl.cli.analyze import _transformed_copy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
+                        nn.ReLU(), nn.Conv2d(16, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    with torch.no_grad():
+        net[4].weight.mul_(30)
+    settings = dict(weight_bits=4, act_bits=None, mixed_precision="weights", mixed_min_bits=2, weight_clip=True,
+                    equalize=True)
+    work, config, _ = _transformed_copy(net, torch.rand(2, 3, 16, 16), None, settings)
+    with pytest.warns(UserWarning, match="budget bits exactly"):
+        vq.quantize_model(work, config=config)
+    with pytest.warns(UserWarning, match="budget bits exactly"):
+        vq.quantize_model(net, **settings)
+    for (_, a), (_, b) in zip(vq.quantizable_layers(work), vq.quantizable_layers(net)):
+        assert torch.equal(a.weight, b.weight)

@@ -179,6 +179,9 @@ def test_exact_fill_searches_a_band_when_the_table_is_too_large(monkeypatch):
     monkeypatch.setattr(bit_budget, "FILL_CELLS", 60)
     banded = exact_fill(nsr, pos, costs, 4, 0)  # running sums kept near [0, 4]: still exact, not the cheapest
     assert sum(c * (b - p) for c, b, p in zip(costs, banded, pos)) == 4 and banded == [1, 2, 3, 2, 2, 2]
+    assert exact_fill(nsr, pos, [1, 2, 3, 4, 5, 6], 4, 0) != pos  # a fill inside [0, 4]: +4
+    monkeypatch.setattr(bit_budget, "FILL_CELLS", 20)  # not even the band [0, 4] fits (6 x 5 entries): no table
+    assert exact_fill(nsr, pos, [1, 2, 3, 4, 5, 6], 4, 0) == pos
 
 
 def test_greedy_bits_never_exceeds_the_budget_with_wide_steps():
@@ -338,6 +341,21 @@ def test_tied_weights_share_their_bits_and_count_once():
     average = sum(p * b for p, b in zip(params, [bits[0], bits[1], bits[3]])) / sum(params)
     assert rep.bit_budget["weight_average"] == average
     vq.restore_model(net)
+
+
+
+def test_a_tied_weight_costs_the_noise_of_every_layer_using_it(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, 10))
+    net[4].weight = net[2].weight
+    rows = []
+    real = bit_budget.greedy_bits
+    monkeypatch.setattr(bit_budget, "greedy_bits", lambda nsr, *a, **k: (rows.append(nsr), real(nsr, *a, **k))[1])
+    layers = quantizable_layers(net)
+    bit_budget.allocate(net, layers, {}, 4, [None, 4, 4, 8], None, None, torch.zeros(1, 16), min_bits=2)
+    own = [weight_nsr(layer, None) for _, layer in layers]
+    assert torch.equal(rows[0], torch.stack([own[0], own[1] + own[2], own[3]]))
 
 
 def test_element_counts_follow_a_given_probe():

@@ -170,7 +170,9 @@ def _scores(logits: Tensor, ref_logp: Tensor, labels: Tensor | None) -> tuple[fl
 def _transformed_copy(model: nn.Module, images: Tensor, labels: Tensor | None, settings: dict):
     """Checked inputs; a copy of `model` with the config's pre-quantization transforms applied
     for good (the float reference is the transformed model), the config without them, and
-    the copy's quantizable layers."""
+    the copy's quantizable layers. Under `mixed_precision`, `weight_clip` stays in the config
+    (each layer is clipped for the bits it is given, as `quantize_model` does), so the float
+    reference is the equalized, unclipped model."""
     from .. import quantize as qz
     from ..config import QuantConfig
 
@@ -180,8 +182,10 @@ def _transformed_copy(model: nn.Module, images: Tensor, labels: Tensor | None, s
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     work = copy.deepcopy(model).eval()
     config = QuantConfig.from_kwargs(**settings)
-    qz.apply_transforms(work, config, save=lambda module, name: True)
-    return work, config.replace(equalize=False, weight_clip=False), qz.quantizable_layers(work)
+    keep_clip = config.mixed_precision is not None and config.weight_clip
+    qz.apply_transforms(work, config.replace(weight_clip=config.weight_clip and not keep_clip),
+                        save=lambda module, name: True)
+    return work, config.replace(equalize=False, weight_clip=keep_clip), qz.quantizable_layers(work)
 
 
 @torch.no_grad()

@@ -216,8 +216,8 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
     filled = exact_fill(nsr, pos, costs, left, bits.index(min_bits), widths=bits)
     spent = sum(c * (bits[f] - bits[p]) for c, f, p in zip(costs, filled, pos))
     if spent != left:
-        reach = FILL_REACH
-        warnings.warn(f"mixed precision: no moves of at most {reach} step{'s' * (reach != 1)} per layer spend the last "
+        steps = f"{FILL_REACH} step{'s' * (FILL_REACH != 1)}"
+        warnings.warn(f"mixed precision: exact_fill found no moves of at most {steps} per layer that spend the last "
                       f"{left} of {target * sum(costs)} budget bits exactly; the average is "
                       f"{target - left / sum(costs):.5f}, not {target}", stacklevel=3)
     return [bits[p] for p in filled]
@@ -266,7 +266,7 @@ def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest:
             else:
                 high = band - 1
         windows = [(max(lo, -low), min(hi, target + low)) for lo, hi in windows]
-        if any(lo > hi for lo, hi in windows):
+        if sum(hi - lo + 1 for lo, hi in windows) > FILL_CELLS:  # not even the band [0, target] fits
             return list(pos)
     lo, best = 0, torch.zeros(1, dtype=torch.float64)
     picks = []
@@ -370,8 +370,9 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
     good = lambda name: not isinstance(stats.get(name), (str, type(None)))  # noqa: E731
     keys = [storage_key(layer.weight) for _, layer in layers]
     own = [i for i, k in enumerate(keys) if keys.index(k) == i]  # a weight tied to several layers counts once
-    w_nsr = torch.stack([weight_nsr(layers[i][1], stats[layers[i][0]] if good(layers[i][0]) else None,
-                                    rounding=rounding, backend=backend) for i in own])
+    nsr = [weight_nsr(layer, stats[name] if good(name) else None, rounding=rounding, backend=backend)
+           for name, layer in layers]
+    w_nsr = torch.stack([sum(nsr[j] for j, k in enumerate(keys) if k == keys[i]) for i in own])  # over the ties
     w_own = greedy_bits(w_nsr, [params[i] for i in own], weight_bits, min(min_bits, weight_bits))
     w_out = [w_own[own.index(keys.index(k))] for k in keys]  # the tied layers: their owner's bits
     a_out = list(act_bits)
