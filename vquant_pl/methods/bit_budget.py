@@ -257,16 +257,9 @@ def exact_fill(nsr: Tensor, pos: list[int], costs: list[int], left: int, lowest:
     windows = _fill_windows([moves[l] for l in order], target)
     if windows is None:
         return list(pos)
-    if sum(hi - lo + 1 for lo, hi in windows) > FILL_CELLS:  # the widest band around [0, target] that fits
-        low, high = 0, max(max(abs(lo), abs(hi - target)) for lo, hi in windows)
-        while low < high:
-            band = (low + high + 1) // 2
-            if sum(max(0, min(hi, target + band) - max(lo, -band) + 1) for lo, hi in windows) <= FILL_CELLS:
-                low = band
-            else:
-                high = band - 1
-        windows = [(max(lo, -low), min(hi, target + low)) for lo, hi in windows]
-        if sum(hi - lo + 1 for lo, hi in windows) > FILL_CELLS:  # not even the band [0, target] fits
+    if sum(hi - lo + 1 for lo, hi in windows) > FILL_CELLS:
+        windows = _fit_band(windows, target)
+        if windows is None:
             return list(pos)
     lo, best = 0, torch.zeros(1, dtype=torch.float64)
     picks = []
@@ -310,6 +303,18 @@ def _fill_windows(moves: list[list[tuple]], target: int) -> list[tuple[int, int]
             return None
         windows.append((lo, hi))
     return windows
+
+
+def _fit_band(windows: list[tuple[int, int]], target: int) -> list[tuple[int, int]] | None:
+    """`windows` clipped to the widest band `[-b, target + b]` whose table fits in `FILL_CELLS`
+    entries (a binary search: the size grows with `b`); None where not even `b = 0` fits."""
+    size = lambda b: sum(max(0, min(hi, target + b) - max(lo, -b) + 1) for lo, hi in windows)  # noqa: E731
+    low, high = 0, max(max(abs(lo), abs(hi - target)) for lo, hi in windows)
+    while low < high:
+        band = (low + high + 1) // 2
+        low, high = (band, high) if size(band) <= FILL_CELLS else (low, band - 1)
+    clipped = [(max(lo, -low), min(hi, target + low)) for lo, hi in windows]
+    return None if size(low) > FILL_CELLS or any(lo > hi for lo, hi in clipped) else clipped
 
 
 def _input_elements(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Tensor) -> list[int]:
