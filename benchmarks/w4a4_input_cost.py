@@ -1,6 +1,6 @@
 """Which data-free estimate says which layer inputs cost the most at W4A4 (issue 22)?
 
-    python benchmarks/w4a4_input_cost.py efficientnet_lite:lite0 --images lite0_sample.pt --num 50 \
+    python benchmarks/w4a4_input_cost.py efficientnet_lite:lite0 --images runs/recipes/lite0_imagenet-sample.pt --num 50 \
         --out docs/w4a4_input_cost_lite0
 
 For every layer input of the default recipe at W4A4, three numbers:

@@ -1,6 +1,7 @@
 """`VQuantCallback`: data-free quantization at the start of test (validate, predict)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -51,13 +52,16 @@ class VQuantCallback(pl.Callback):
         target: dotted name of the submodule to quantize; None quantizes the whole LightningModule.
         stages: the stages that run quantized: any of test, validate, predict.
         keep_quantized: leave the model quantized after the stage.
-        export: write the quantized model there as ONNX QDQ (`vquant_pl.export_onnx`), on
-            rank 0, from the first batch of the stage (an existing file is an error, raised
-            before quantizing; needs the `export` extra).
+        export: write the evaluated quantized model there as ONNX QDQ (`vquant_pl.export_onnx`),
+            on rank 0, from the first batch of the first stage, once per callback (see
+            `_ExportOnFirstBatch` for which module; a file there before is an error, raised
+            before quantizing; needs the `export` extra; not with `weight_bits=None`).
         verbose: print the per-layer table on rank 0.
 
     Raises:
         ValueError: a bad setting or stage, named, when the callback is built.
+        RuntimeError: with `export`, no module that can be exported ran in the first batch
+            (raised at its end; the message names the modules tried).
 
     Checkpoints: the settings passed here always win over those saved in a checkpoint (a
     differing checkpoint gets a one-line warning). A checkpoint written while the model is
@@ -100,12 +104,17 @@ class VQuantCallback(pl.Callback):
             raise ValueError(f"target must be a submodule name (str) or None, got {target!r}")
         self.probe = probe
         self.target, self.stages, self.keep_quantized, self.verbose = target, stages, keep_quantized, verbose
+        if export is not None and weight_bits is None:
+            raise ValueError(f"VQuantCallback(export={export!r}) with weight_bits=None: a float baseline run "
+                             "quantizes nothing, so there is no quantized model to export; set weight_bits or "
+                             "drop export")
         if export is not None and self.config is not None and self.config.bias_correction:
             raise ValueError(f"VQuantCallback(export={export!r}) with bias_correction=True: ACIQ's per-channel "
                              "weight correction moves the weights off their integer grid, so there are no integer "
                              "codes to export; quantize without it or drop export")
         self.export, self.export_report = export, None
-        self._export_hook = None
+        self._export_hook: _ExportOnFirstBatch | None = None
+        self._exported = False  # export once per callback: a later stage leaves the file alone
         self._quantized: nn.Module | None = None  # the module this callback quantized
         self.report: QuantReport | None = None
 
@@ -138,6 +147,15 @@ class VQuantCallback(pl.Callback):
     def on_predict_end(self, trainer, pl_module):
         self._end("predict")
 
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch_end(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch_end(trainer)  # hooks are attached only by trainer.validate, never inside fit
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch_end(trainer)
+
     def on_fit_start(self, trainer, pl_module):
         if is_quantized(pl_module):
             raise RuntimeError(
@@ -147,6 +165,9 @@ class VQuantCallback(pl.Callback):
                 "before fit.")
 
     def on_exception(self, trainer, pl_module, exception):
+        if self._export_hook is not None:
+            self._export_hook.remove()
+            self._export_hook = None
         self.restore()  # never leave a user's model quantized by a failed run
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -209,7 +230,8 @@ class VQuantCallback(pl.Callback):
         if is_quantized(module):
             rank_zero_info(f"vquant: {type(module).__name__} is already quantized; not quantizing it again")
             return
-        if self.export is not None:  # before any work: the extra is there and no file is overwritten
+        exporting = self.export is not None and not self._exported
+        if exporting:  # before any work: the extra is there and no file is overwritten
             from vquant_pl.export import require_onnx
 
             require_onnx()
@@ -229,13 +251,32 @@ class VQuantCallback(pl.Callback):
         self._broadcast(trainer, module)
         self.report = quantization_report(module)
         self._log(trainer, self.report, time.perf_counter() - start)
-        if self.export is not None and trainer.is_global_zero:
-            self._export_hook = _ExportOnFirstInput.attach(self, module)
+        if exporting:  # on every rank, so that every rank raises when nothing can be exported
+            self._export_hook = _ExportOnFirstBatch(pl_module, self.target, module)
+
+    def _batch_end(self, trainer: pl.Trainer) -> None:
+        """End of the first batch of an exporting stage: export the evaluated module (rank 0)."""
+        hook, self._export_hook = self._export_hook, None
+        if hook is None:
+            return
+        name, module, example = hook.finish()
+        self._exported = True
+        if not trainer.is_global_zero:
+            return
+        from vquant_pl.export import export_onnx
+
+        report = export_onnx(module, self.export, example[:2].detach().float())
+        self.export_report = report
+        rank_zero_info(f"vquant: exported {name or 'the LightningModule'} ({type(module).__name__}) to "
+                       f"{self.export} (onnxruntime vs PyTorch on the first batch: largest output difference "
+                       f"{report.max_abs_diff:.3g}; {len(report.integer_layers)} of {len(report.layers)} layers "
+                       "run as integer kernels)")
 
     def _end(self, stage: str) -> None:
-        if self._export_hook is not None:  # a stage without a batch: nothing was exported
+        if self._export_hook is not None:
             self._export_hook.remove()
             self._export_hook = None
+            rank_zero_warn(f"vquant: the {stage} stage ran no batch, so nothing was exported to {self.export}")
         if stage in self.stages and not self.keep_quantized:
             self.restore()
 
@@ -288,34 +329,69 @@ class VQuantCallback(pl.Callback):
             rank_zero_info(report.table() + f"\nquantized in {seconds:.2f} s")
 
 
-class _ExportOnFirstInput:
-    """A forward pre-hook on the smallest module holding every quantized layer: exports it
-    with the first input it sees, then removes itself."""
+class _ExportOnFirstBatch:
+    """Which module `VQuantCallback(export=...)` exports, and its example input.
 
-    def __init__(self, callback: VQuantCallback):
-        self.callback, self.handle = callback, None
+    Forward hooks on the chain of modules from the callback's target module (the
+    LightningModule unless `target=`) down to the common parent of the quantized layers record
+    the first tensor input and the output of each. At the end of the first batch the
+    outermost module of the chain that ran with a tensor is exported: the evaluated model,
+    with whatever its forward does around the quantized layers (normalizing, scaling), and
+    the export report compares the file with that very module. A container that is never
+    called (an `nn.ModuleList`) is passed over; when no module of the chain ran with a
+    tensor, `finish` raises, naming them.
 
-    @classmethod
-    def attach(cls, callback: VQuantCallback, module: nn.Module):
+    One exception: a LightningModule whose forward is a plain pass-through -- same input and
+    same output as the next module of the chain that ran, as `ImageClassifier.forward` is
+    for its `model` -- gives way to that module. The file computes the same, holds the
+    user's network under its own layer names (no `model.` prefix) and no Lightning object
+    is copied into the export. Any other LightningModule is exported itself (torch.onnx
+    traces it like any module).
+    """
+
+    def __init__(self, pl_module: nn.Module, target: str | None, module: nn.Module):
         from vquant_pl.state import iter_states
 
         parents = [name.split(".")[:-1] for name, _, _ in iter_states(module)]
         common = os.path.commonprefix(parents) if parents else []
-        hook = cls(callback)
-        hook.handle = module.get_submodule(".".join(common)).register_forward_pre_hook(hook)
-        return hook.handle
+        prefix = [] if target is None else [target]
+        self.pl_module = pl_module
+        self.chain = [(".".join(prefix + common[:n]), module.get_submodule(".".join(common[:n])))
+                      for n in range(len(common) + 1)]
+        self.seen: dict[int, tuple[Tensor, Any]] = {}  # chain index -> (first tensor input, its output)
+        self.handles = [m.register_forward_hook(functools.partial(self._record, n))
+                        for n, (_, m) in enumerate(self.chain)]
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.handle.remove()
-        self.callback._export_hook = None
-        if args and isinstance(args[0], Tensor):
-            from vquant_pl.export import export_onnx
+    def _record(self, n: int, module: nn.Module, args: tuple, output: Any) -> None:
+        if n not in self.seen and args and isinstance(args[0], Tensor):
+            self.seen[n] = (args[0], output)
 
-            report = export_onnx(module, self.callback.export, args[0][:2].detach().float())
-            self.callback.export_report = report
-            rank_zero_info(f"vquant: exported {self.callback.export} (onnxruntime vs PyTorch on the first batch: "
-                           f"largest output difference {report.max_abs_diff:.3g}; {len(report.integer_layers)} of "
-                           f"{len(report.layers)} layers run as integer kernels)")
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def finish(self) -> tuple[str, nn.Module, Tensor]:
+        """(dotted name, module, first input) to export; RuntimeError when none ran."""
+        self.remove()
+        ran = [(name, module, *self.seen[n]) for n, (name, module) in enumerate(self.chain) if n in self.seen]
+        self.seen = {}
+        if not ran:
+            tried = ", ".join(f"{name or 'the LightningModule'} ({type(m).__name__})" for name, m in self.chain)
+            raise RuntimeError(f"VQuantCallback(export=...): none of the modules holding the quantized layers ran "
+                               f"with a tensor input in the first batch (tried {tried}), so there is nothing to "
+                               "export; pass target= the dotted name of the submodule your step calls with the "
+                               "input tensor")
+        if ran[0][1] is self.pl_module and len(ran) > 1 and _same(ran[0][2:], ran[1][2:]):
+            ran = ran[1:]  # a pass-through LightningModule: its network computes the same
+        name, module, example, _ = ran[0]
+        return name, module, example
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Two (input, output) pairs of tensors, equal to the bit."""
+    return all(isinstance(u, Tensor) and isinstance(v, Tensor) and u.shape == v.shape and u.dtype == v.dtype
+               and torch.equal(u, v) for u, v in zip(a, b))
 
 
 VQuantCallback.__doc__ = VQuantCallback.__doc__.replace("{settings}", QuantConfig.args_doc(

@@ -166,3 +166,132 @@ def test_a_checkpoint_holds_floats_under_every_name_of_a_tied_tensor():
     assert set(checkpoint["state_dict"]) == {"head.weight", "lookup.table"}
     for key, value in checkpoint["state_dict"].items():
         assert torch.equal(value, float_weight), key
+
+
+# -- export= -------------------------------------------------------------------------------
+def _needs_onnx():
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(name, reason="the export extra is not installed")
+
+
+class Scaled(nn.Module):
+    """A network whose forward normalizes and scales around its quantized body."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.body((x - 0.5) / 0.25) * 10.0
+
+
+class InList(nn.Module):
+    """Every quantized layer in one ModuleList, which is never called itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 4)])
+
+    def forward(self, x):
+        x = torch.relu(self.layers[1](torch.relu(self.layers[0](x))))
+        return self.layers[2](x.mean((2, 3)))
+
+
+class ExportModule(pl.LightningModule):
+    """`forward` scales around `self.net` when `scale`, else passes through."""
+
+    def __init__(self, net, scale=False):
+        super().__init__()
+        self.net, self.scale, self.steps = net, scale, 0
+
+    def forward(self, x):
+        return self.net(x) * 3.0 - 1.0 if self.scale else self.net(x)
+
+    def test_step(self, batch, batch_idx):
+        self.steps += 1
+        self.log("test/mean", self(batch[0]).mean())
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/mean", self(batch[0]).mean())
+
+    def _loader(self):
+        data = torch.utils.data.TensorDataset(torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(1)))
+        return torch.utils.data.DataLoader(data, batch_size=3)
+
+    test_dataloader = val_dataloader = _loader
+
+
+def _onnx_vs_module(path, module):
+    from vquant_pl.export import ort_session, run_onnx
+
+    x = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        want = module.eval()(x)
+    return float((torch.from_numpy(run_onnx(ort_session(path), x)) - want).abs().max())
+
+
+def _sequential():
+    return UserModule().net
+
+
+@pytest.mark.parametrize("net, scale, names", [
+    (Scaled, False, ["body.0", "body.4"]),  # pass-through LightningModule: its network, normalization included
+    (_sequential, True, ["net.0", "net.3", "net.7"]),  # the LightningModule's forward scales: the module itself
+    (InList, False, ["layers.0", "layers.1", "layers.2"]),  # layers in a ModuleList: the network holding it
+], ids=["network-scales", "lightning-module-scales", "module-list"])
+def test_export_writes_the_evaluated_model(tmp_path, net, scale, names):
+    """It wrote the smallest module holding the quantized layers: without what the forward
+    around them does (and its report measured against that submodule), or nothing at all
+    when they sat in a ModuleList."""
+    _needs_onnx()
+    module = ExportModule(net(), scale=scale)
+    path = tmp_path / "m.onnx"
+    callback = vq.VQuantCallback(8, 8, act_range="sigma", probe_shape=PROBE, export=str(path), keep_quantized=True,
+                                 verbose=False)
+    _trainer(tmp_path, callback).test(module, verbose=False)
+    assert [layer.name for layer in callback.export_report.layers] == names
+    assert callback.export_report.max_abs_diff < 1e-4
+    assert _onnx_vs_module(path, module) < 1e-4  # the file computes what was evaluated
+
+
+def test_export_that_cannot_find_a_module_to_export_fails_after_the_first_batch(tmp_path):
+    class Direct(ExportModule):  # the step calls the layers of a ModuleList one by one
+        def test_step(self, batch, batch_idx):
+            self.steps += 1
+            x = torch.relu(self.net.layers[1](torch.relu(self.net.layers[0](batch[0]))))
+            self.log("test/mean", self.net.layers[2](x.mean((2, 3))).mean())
+
+    _needs_onnx()
+    module, path = Direct(InList()), tmp_path / "m.onnx"
+    callback = vq.VQuantCallback(8, 8, probe_shape=PROBE, export=str(path), verbose=False)
+    with pytest.raises(RuntimeError, match=r"tried the LightningModule \(Direct\), net \(InList\), net.layers "
+                                           r"\(ModuleList\).*target="):
+        _trainer(tmp_path, callback).test(module, verbose=False)
+    assert module.steps == 1 and not path.exists() and not vq.is_quantized(module)
+    assert all(not m._forward_hooks for m in module.modules())  # the callback's hooks are gone
+
+
+def test_export_of_a_float_baseline_is_refused_when_built(tmp_path):
+    with pytest.raises(ValueError, match=r"export=.*weight_bits=None"):
+        vq.VQuantCallback(None, 4, export=str(tmp_path / "x.onnx"))
+
+
+def test_export_happens_once_per_callback_and_never_over_a_users_file(tmp_path):
+    """validate then test with one callback: the second stage raised FileExistsError on the
+    callback's own file."""
+    _needs_onnx()
+    module, path = ExportModule(Scaled()), tmp_path / "m.onnx"
+    callback = vq.VQuantCallback(8, 8, probe_shape=PROBE, stages=["validate", "test"], export=str(path),
+                                 verbose=False)
+    trainer = _trainer(tmp_path, callback)
+    trainer.validate(module, verbose=False)
+    written, report = path.read_bytes(), callback.export_report
+    trainer.test(module, verbose=False)
+    assert callback.report is not None and path.read_bytes() == written and callback.export_report is report
+
+    mine = tmp_path / "mine.onnx"
+    mine.write_bytes(b"user")
+    with pytest.raises(FileExistsError, match="mine.onnx"):
+        _trainer(tmp_path, vq.VQuantCallback(8, 8, probe_shape=PROBE, export=str(mine), verbose=False)).test(module)
+    assert mine.read_bytes() == b"user" and not vq.is_quantized(module)

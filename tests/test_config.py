@@ -12,16 +12,19 @@ import vquant_pl as vq
 from vquant_pl.config import QuantConfig
 from vquant_pl.methods.table import METHODS
 
-from helpers import NON_DEFAULT
+from helpers import NON_DEFAULTS
 
 # the callback's documented differences from QuantConfig: None is the float baseline
 CALLBACK_DEFAULTS = {"weight_bits": 4}
 
 
 def test_the_shared_non_default_values_cover_every_field():
-    assert list(NON_DEFAULT) == QuantConfig.field_names(), "add the new QuantConfig field to tests/helpers NON_DEFAULT"
-    config = QuantConfig(**NON_DEFAULT)
-    assert all(getattr(config, k) != getattr(QuantConfig(), k) for k in NON_DEFAULT)
+    for settings in NON_DEFAULTS:
+        assert list(settings) == QuantConfig.field_names(), "add the new QuantConfig field to tests/helpers NON_DEFAULT"
+        QuantConfig(**settings)
+    configs = [QuantConfig(**settings) for settings in NON_DEFAULTS]
+    missing = [k for k in QuantConfig.field_names() if all(getattr(c, k) == getattr(QuantConfig(), k) for c in configs)]
+    assert not missing, f"no config of tests/helpers NON_DEFAULTS sets {missing}"
 
 
 def test_quantize_model_takes_every_setting_with_the_same_default_and_type():
@@ -48,12 +51,14 @@ def test_callback_takes_every_setting_in_order_with_the_same_default_type_and_he
     assert "{settings}" not in vq.VQuantCallback.__doc__
 
 
-def test_every_setting_reaches_the_callbacks_run_and_quantize_model():
-    cb = vq.VQuantCallback(**NON_DEFAULT)
-    assert cb.config == QuantConfig(**NON_DEFAULT)
+@pytest.mark.parametrize("settings", NON_DEFAULTS, ids=lambda s: s["act_range"])
+def test_every_setting_reaches_the_callbacks_run_and_quantize_model(settings):
+    cb = vq.VQuantCallback(**settings)
+    assert cb.config == QuantConfig(**settings)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
-    report = vq.quantize_model(net, **NON_DEFAULT)
-    assert report.config == QuantConfig(**NON_DEFAULT)
+    batches = [torch.rand(2, 3, 8, 8)] * 4 if METHODS[settings["act_range"]].calibrated else None
+    report = vq.quantize_model(net, **settings, calibration=batches)
+    assert report.config == QuantConfig(**settings)
 
 
 def test_a_keyword_given_with_config_wins_even_when_it_equals_the_default():
@@ -95,15 +100,18 @@ def test_config_and_keywords_give_the_same_run():
     assert ra.to_dict()["config"]["sigma"] == 14.0  # resolved, not None
 
 
-def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
+@pytest.mark.parametrize("settings", NON_DEFAULTS, ids=lambda s: s["act_range"])
+def test_cli_quant_group_has_every_setting_and_reaches_the_callback(settings):
     import warnings
 
     from vquant_pl.cli.app import make_cli
 
     def cli_value(v):
+        if v is None:
+            return "null"
         return str(v).lower() if isinstance(v, bool) else f"[{','.join(map(str, v))}]" if isinstance(v, tuple) else str(v)
 
-    overrides = {name: cli_value(v) for name, v in NON_DEFAULT.items()}
+    overrides = {name: cli_value(v) for name, v in settings.items()}
     assert set(overrides) == set(QuantConfig.field_names()), "a QuantConfig field has no CLI override here"
     args = ["--config", "quickstart/w8a8", "--model.pretrained", "false"]
     for name, value in overrides.items():
@@ -112,4 +120,57 @@ def test_cli_quant_group_has_every_setting_and_reaches_the_callback():
         warnings.simplefilter("ignore")
         cli = make_cli(args, run=False)
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, vq.VQuantCallback))
-    assert cb.config == QuantConfig(**NON_DEFAULT)
+    assert cb.config == QuantConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, name", [
+    (dict(act_range="sigma", bn_k=1.0), "bn_k"),
+    (dict(act_range="bn-mse", bn_k=1.0), "bn_k"),
+    (dict(act_range="aciq-laplace", bn_k=1.0), "bn_k"),
+    (dict(act_bits=None, bn_k=1.0), "bn_k"),
+    (dict(act_range="sigma", aciq_stats="bn"), "aciq_stats"),
+    (dict(act_range="bn", aciq_stats="bn"), "aciq_stats"),
+    (dict(act_range="bn", percentile=50.0), "percentile"),
+    (dict(act_range="max", percentile=50.0), "percentile"),
+    (dict(act_range="bn", calib_batches=1), "calib_batches"),
+    (dict(act_range="aciq-gauss", sigma=3.0), "sigma"),
+    (dict(act_range="none", sigma=3.0), "sigma"),
+    (dict(equalize_alpha=0.0), "equalize_alpha"),
+    (dict(equalize_k=1.0), "equalize_k"),
+    (dict(mixed_min_bits=8), "mixed_min_bits"),
+])
+def test_a_setting_nothing_reads_is_refused(settings, name):
+    """Each of these gave the very output of the defaults: accepted, then ignored."""
+    with pytest.raises(ValueError, match=f"^{name}=.* would be ignored: only .* reads it"):
+        QuantConfig(**settings)
+
+
+def test_the_settings_read_are_accepted_and_range_checked():
+    QuantConfig(act_range="bn", bn_k=2.0, sigma=3.0)
+    QuantConfig(act_range="percentile", percentile=99.0, calib_batches=None)
+    QuantConfig(act_range="aciq-gauss", aciq_stats="bn")
+    QuantConfig(equalize=True, equalize_alpha=0.0, equalize_k=1.0)
+    QuantConfig(mixed_precision="weights", mixed_min_bits=2)
+    with pytest.raises(ValueError, match="mixed_min_bits must be an integer in 2..8, got 99"):
+        QuantConfig(mixed_min_bits=99)  # checked even without mixed_precision
+
+
+def test_without_equalize_and_without_activations_stay_consistent():
+    config = QuantConfig(act_range="bn", bn_k=4.0, sigma=9.0, equalize=True, equalize_k=2.0, mixed_precision="all")
+    assert config.without_equalize() == config.replace(equalize=False, equalize_k=4.0, equalize_alpha=0.5)
+    weights = config.without_activations()
+    assert weights.act_bits is None and weights.bn_k is None and weights.sigma is None
+    assert weights.mixed_precision == "weights" and weights.equalize_k == 2.0
+
+
+def test_mixed_precision_settings_that_cannot_hold():
+    """mixed_min_bits above the average was lowered silently; ACIQ's approximate per-channel
+    budget made the reported averages differ from the applied ones (3.9778 vs 3.9701)."""
+    with pytest.raises(ValueError, match="mixed_min_bits=6 is above weight_bits=4"):
+        QuantConfig(mixed_precision="weights", mixed_min_bits=6)
+    with pytest.raises(ValueError, match="mixed_min_bits=3 is above act_bits=2"):
+        QuantConfig(weight_bits=8, act_bits=2, mixed_precision="all")
+    QuantConfig(weight_bits=8, act_bits=2, mixed_precision="weights")  # the input bits are not allocated
+    with pytest.raises(ValueError, match="needs bit_allocation_rule='exact'"):
+        QuantConfig(mixed_precision="weights", bit_allocation=True)
+    QuantConfig(mixed_precision="weights", bit_allocation=True, bit_allocation_rule="exact")

@@ -356,4 +356,103 @@ def test_callback_refuses_export_with_bias_correction_when_built(tmp_path):
     with pytest.raises(ValueError, match=r"export=.*bias_correction=True.*no integer codes"):
         vq.VQuantCallback(4, 4, bias_correction=True, export=str(tmp_path / "x.onnx"))
     assert vq.VQuantCallback(4, 4, bias_correction=True).config.bias_correction  # without export: allowed
-    assert vq.VQuantCallback(None, 4, bias_correction=True, export=str(tmp_path / "x.onnx")).config is None  # float
+    with pytest.raises(ValueError, match="export"):  # a float baseline has nothing quantized to export
+        vq.VQuantCallback(None, 4, bias_correction=True, export=str(tmp_path / "x.onnx"))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.a, self.b, self.h = nn.Conv2d(3, 8, 3), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c(x)).mean((2, 3))
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("tie", ["one Parameter", "two Parameters, one storage"])
+def test_tied_weight_is_written_as_the_same_codes(tmp_path, tie):
+    torch.manual_seed(0)
+    net = Tied().eval()
+    # two Parameters over one storage: a tied checkpoint loaded with load_state_dict(assign=True)
+    net.b.weight = net.a.weight if tie == "one Parameter" else nn.Parameter(net.a.weight.data)
+    vq.quantize_model(net, 8, 8, act_range="sigma", probe=PROBE, progress=False)
+    x = torch.rand(6, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "tied.onnx", x)
+    assert np.abs(got - want).max() < 1e-4
+    assert report.layers[2].note.startswith("weight shared with 'a'")
+    # b reads a's DequantizeLinear of the codes: no float weight in the file
+    a, b = nodes(tmp_path / "tied.onnx", "Gemm")[:2]
+    assert a.input[1] == b.input[1] and len(weight_dq(tmp_path / "tied.onnx")) == 3
+    assert not [k for k, v in initializers(tmp_path / "tied.onnx").items() if v.dtype == np.float32 and v.ndim > 1]
+
+
+@pytest.mark.parametrize("forward_with_grad", [False, True])
+def test_pruned_layer_exports_weight_orig_times_mask(tmp_path, forward_with_grad):
+    from torch.nn.utils import prune
+
+    net = tiny()
+    prune.l1_unstructured(net[3], "weight", amount=0.5)
+    vq.quantize_model(net, 8, 8, act_range="sigma", probe=PROBE, progress=False)
+    x = torch.rand(6, 3, 16, 16)
+    if forward_with_grad:  # the pruning hook's `weight` now has autograd history
+        net(x)
+    before = copy.deepcopy(net.state_dict())
+    _, got, want = onnx_vs_torch(net, tmp_path / "pruned.onnx", x)
+    assert np.abs(got - want).max() < 1e-4
+    codes, scale, zp = weight_dq(tmp_path / "pruned.onnx")[1]
+    integer = codes.astype(np.int64) - zp.astype(np.int64).reshape(-1, 1, 1, 1)
+    mask = net[3].weight_mask.numpy()
+    assert (integer[mask == 0] == 0).all()  # a pruned weight is its zero point: exactly 0
+    evaluated = (net[3].weight_orig * net[3].weight_mask).detach().numpy()
+    np.testing.assert_allclose(integer * scale.reshape(-1, 1, 1, 1), evaluated, rtol=2 ** -22, atol=0)
+    after = net.state_dict()  # the model is left as it was: still pruned, still restorable
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert prune.is_pruned(net[3])
+    vq.restore_model(net)
+
+
+def test_layer_pruned_after_quantizing_is_refused(tmp_path):
+    from torch.nn.utils import prune
+
+    net = quantized(8)
+    prune.l1_unstructured(net[3], "weight", amount=0.5)
+    with pytest.raises(ValueError, match="layer '3' was pruned after quantize_model"):
+        vq.export_onnx(net, tmp_path / "p.onnx", torch.rand(2, 3, 16, 16))
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_four_bit_narrower_inputs_stay_8_bit_with_clip(tmp_path):
+    # ONNX has no Clip of 4-bit integers: a 3-bit input in uint4 failed onnx.checker
+    net = quantized(3)
+    x = torch.rand(8, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "four.onnx", x, four_bit=True)
+    assert [r.weight for r in report.layers] == ["uint4 codes, per channel"] * 4
+    assert [r.input for r in report.layers[1:3]] == ["uint8 QDQ, 3 bits (Clip)"] * 2
+    vq.export_onnx(net, tmp_path / "eight.onnx", x[:2], verify=False)
+    np.testing.assert_allclose(got, run_onnx(ort_session(tmp_path / "eight.onnx"), x), rtol=0, atol=1e-6)
+    assert np.abs(got - want).max() < 1e-2 and (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_nvidia_style_four_bit_types(tmp_path):
+    torch.manual_seed(0)
+    d = lambda **kw: vq.QuantDescriptor(num_bits=4, **kw)  # noqa: E731
+    net = nn.Sequential(vq.QuantConv2d(3, 8, 3, quant_desc_input=d(), quant_desc_weight=d(axis=(0,))), nn.ReLU(),
+                        vq.QuantConv2d(8, 8, 3, quant_desc_input=d(unsigned=True), quant_desc_weight=d(axis=(0,))),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        vq.QuantLinear(8, 10, quant_desc_input=d(narrow_range=True), quant_desc_weight=d(axis=(0,))))
+    net.eval()
+    vq.calibrate(net, [torch.rand(8, 3, 16, 16)])
+    x = torch.rand(6, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "n4.onnx", x, four_bit=True)
+    assert [r.weight for r in report.layers] == ["int4 QDQ symmetric, 4 bits, per channel"] * 3
+    # a narrow range (-7..7) does not fill int4: it stays int8 with its Clip
+    assert [r.input for r in report.layers] == ["int4 QDQ symmetric, 4 bits", "uint4 QDQ symmetric, 4 bits",
+                                                "int8 QDQ symmetric, 4 bits (Clip)"]
+    assert [r.ort_op for r in report.layers] == ["Conv", "Conv", "Gemm"]
+    inits = initializers(tmp_path / "n4.onnx")
+    zero_points = [inits[q.input[2]].dtype.name for q in nodes(tmp_path / "n4.onnx", "QuantizeLinear")]
+    assert sorted(zero_points) == ["int4"] * 4 + ["int8", "uint4"]
+    vq.export_onnx(net, tmp_path / "n8.onnx", x[:2], verify=False)
+    np.testing.assert_allclose(got, run_onnx(ort_session(tmp_path / "n8.onnx"), x), rtol=0, atol=1e-6)
+    assert np.abs(got - want).max() < 1e-4

@@ -166,6 +166,26 @@ def test_default_probe_is_256_at_model_input_size():
     assert model_input_size(timm.create_model("inception_v3", pretrained=False)) == (299, 299)
 
 
+def test_default_probe_follows_the_preprocessing_that_travels_with_the_model():
+    """The probe was drawn at 224 for models whose preprocessing says otherwise (torchvision's
+    inception_v3 at 299, a timm model evaluated at its test size)."""
+    import timm
+
+    from vquant_pl.models import Preprocessing, attach_preprocessing, create_model
+    from vquant_pl.probe import model_input_size
+
+    net = attach_preprocessing(Net(), Preprocessing(input_size=(20, 28)))
+    seen = []
+    net.stem.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    vq.quantize_model(net, 8, 8)
+    assert seen == [(1, 3, 20, 28), (256, 3, 20, 28)]
+    vq.restore_model(net)
+    assert model_input_size(create_model("torchvision:inception_v3", pretrained=False)[0]) == (299, 299)
+    tested = timm.create_model("resnet18", pretrained=False)
+    tested.pretrained_cfg = {**tested.pretrained_cfg, "input_size": (3, 224, 224), "test_input_size": (3, 288, 288)}
+    assert model_input_size(tested) == (288, 288)
+
+
 def test_report_has_layers_and_totals():
     report = vq.quantize_model(Net(), 4, 4, probe=PROBE)
     assert report.num_weights == 8 * 3 * 9 + 8 * 8 * 9 + 10 * 8
@@ -624,3 +644,65 @@ def test_layers_after_a_shared_block_are_ranged_on_what_the_final_model_feeds_th
     lo, hi, signed = vq.sigma_range(seen[0], 8, 12.0)  # the last layer: 8 bits, the run's sigma (rule 4)
     row = report.layers[2]
     assert row.name == "head" and (row.act_lo, row.act_hi, row.signed) == (lo, hi, signed)
+
+
+def _bn_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("quantize_the_wrapper", [False, True])
+def test_a_model_compiled_before_quantizing_runs_quantized(quantize_the_wrapper):
+    """torch.compile does not see hooks added after it compiled: the compiled model ran with
+    float inputs (the weights-only model) while the report said A4."""
+    import copy
+
+    net = _bn_chain()
+    eager = copy.deepcopy(net)
+    x = torch.rand(4, 3, 16, 16)
+    compiled = torch.compile(net, backend="eager")
+    with torch.no_grad():
+        float_out = compiled(x)
+        report = vq.quantize_model(compiled if quantize_the_wrapper else net, 4, 4)
+        vq.quantize_model(eager, 4, 4)
+        assert [r.name for r in report.layers] == ["0", "3", "8"]
+        assert torch.equal(compiled(x), eager(x)) and not torch.equal(compiled(x), float_out)
+        vq.restore_model(compiled if quantize_the_wrapper else net)
+        assert torch.equal(compiled(x), float_out)
+
+
+def test_a_compiled_submodule_is_refused():
+    net = _bn_chain()
+    net[3] = torch.compile(net[3], backend="eager")
+    before = _snapshot(net)
+    with pytest.raises(ValueError, match=r"submodule '3' is compiled \(torch.compile\)"):
+        vq.quantize_model(net, 4, 4)
+    _assert_same(net, before)
+
+
+class _Recompute:
+    """A user's reparametrization, like pruning's: weight = raw * gain before every forward."""
+
+    def __call__(self, module, args):
+        module.weight = module.raw * module.gain
+
+
+def test_a_weight_recomputed_by_a_pre_hook_is_refused_without_a_probe_pass():
+    """With BatchNorm ranges no forward ran, so a hook recomputing the weight went unnoticed:
+    the report said W4 while the forward used the float weight."""
+    net = _bn_chain()
+    conv = net[3]
+    raw = conv.weight.detach().clone()
+    del conv.weight
+    conv.register_parameter("raw", nn.Parameter(raw))
+    conv.register_buffer("gain", torch.tensor(1.0))
+    conv.weight = raw.clone()
+    conv.register_forward_pre_hook(_Recompute())
+    for act_bits in (4, None):
+        with pytest.raises(RuntimeError, match="layer '3': its weight was replaced during the forward"):
+            vq.quantize_model(net, 4, act_bits, act_range="bn")
+        assert torch.equal(conv.raw, raw) and len(conv._forward_pre_hooks) == 1 and not vq.is_quantized(net)
+    ok = _bn_chain()
+    ok[3].register_forward_pre_hook(lambda m, a: None)  # a harmless hook: checked, and quantized
+    assert vq.quantize_model(ok, 4, 4).num_layers == 3

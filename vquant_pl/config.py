@@ -175,9 +175,19 @@ class QuantConfig:
                 raise ValueError(f"probe_shape must be a batch shape [N, ...] of positive integers, "
                                  f"got {self.probe_shape!r}")
             object.__setattr__(self, "probe_shape", shape)
+        check_bits(self.mixed_min_bits, "mixed_min_bits")
         if self.mixed_precision is not None:
             _choice(self.mixed_precision, "mixed_precision", MixedPrecision)
-            check_bits(self.mixed_min_bits, "mixed_min_bits")
+            widths = [("weight_bits", self.weight_bits)] + ([("act_bits", self.act_bits)]
+                                                             if self.mixed_precision == "all" and self.act_bits else [])
+            for name, bits in widths:
+                if self.mixed_min_bits > bits:
+                    raise ValueError(f"mixed_min_bits={self.mixed_min_bits} is above {name}={bits}: no layer could "
+                                     f"get fewer bits than the average; set mixed_min_bits to at most {bits}")
+            if (self.bit_allocation or self.act_bit_allocation) and self.bit_allocation_rule == "aciq":
+                raise ValueError("mixed_precision with bit_allocation / act_bit_allocation needs "
+                                 "bit_allocation_rule='exact': the 'aciq' rule meets each layer's per-channel "
+                                 "budget only approximately, so the averages reported would not be the ones applied")
             if self.mixed_precision == "all" and (not self.quantizes_activations or not self.ranges_from_bn):
                 raise ValueError("mixed_precision='all' allocates input bits from BatchNorm statistics: it needs "
                                  "quantized activations and act_range='bn', or ACIQ with aciq_stats='bn' "
@@ -199,6 +209,44 @@ class QuantConfig:
         if self.bit_allocation_rule != "aciq" and not (self.bit_allocation or self.act_bit_allocation):
             raise ValueError(f"bit_allocation_rule={self.bit_allocation_rule!r} needs bit_allocation or "
                              "act_bit_allocation")
+
+        self._refuse_unread()
+
+    def _refuse_unread(self) -> None:
+        """A setting given another value than its default where no rule reads it: refused,
+        never silently ignored."""
+        acts = self.quantizes_activations
+        quantized = "with quantized activations (act_bits set, act_range not 'none')"
+        rules = (  # (setting, read by this run, what reads it)
+            ("mixed_min_bits", self.mixed_precision is not None, "mixed_precision"),
+            ("equalize_alpha", self.equalize, "equalize=True"),
+            ("equalize_k", self.equalize, "equalize=True"),
+            ("aciq_stats", acts and self.act_range.startswith("aciq-"), f"act_range 'aciq-laplace'/'aciq-gauss' {quantized}"),
+            ("bn_k", acts and self.act_range == "bn", f"act_range 'bn' {quantized}"),
+            ("sigma", acts and self.act_range in _SIGMA_RANGES, f"act_range {'/'.join(_SIGMA_RANGES)} {quantized}"),
+            ("percentile", acts and self.act_range == "percentile", f"act_range 'percentile' {quantized}"),
+            ("calib_batches", acts and self.act_range in _CALIBRATED, f"act_range {'/'.join(_CALIBRATED)} {quantized}"),
+        )
+        for name, read, reader in rules:
+            value = getattr(self, name)
+            if not read and value != _DEFAULTS[name]:
+                raise ValueError(f"{name}={value!r} would be ignored: only {reader} reads it (got "
+                                 f"act_bits={self.act_bits!r}, act_range={self.act_range!r}, equalize={self.equalize!r}, "
+                                 f"mixed_precision={self.mixed_precision!r}); drop it or set what reads it")
+
+    def without_equalize(self) -> "QuantConfig":
+        """The same settings without `equalize` (its `equalize_alpha` / `equalize_k` at their defaults)."""
+        return self.replace(equalize=False, equalize_alpha=_DEFAULTS["equalize_alpha"],
+                            equalize_k=_DEFAULTS["equalize_k"])
+
+    def without_activations(self) -> "QuantConfig":
+        """The same weight settings with float inputs (`act_bits=None`), the settings only
+        activations read back at their defaults, and mixed precision for the weights only."""
+        reset = {name: _DEFAULTS[name] for name in _ACTIVATION_ONLY}
+        if not self.bit_allocation:
+            reset["bit_allocation_rule"] = _DEFAULTS["bit_allocation_rule"]
+        mixed = "weights" if self.mixed_precision == "all" else self.mixed_precision
+        return self.replace(act_bits=None, mixed_precision=mixed, **reset)
 
     # -- derived -----------------------------------------------------------------------
     @property
@@ -260,3 +308,13 @@ class QuantConfig:
         if isinstance(kwargs.get("probe_shape"), Sequence):
             kwargs["probe_shape"] = tuple(kwargs["probe_shape"])
         return (config or cls()).replace(**kwargs) if kwargs else (config or cls())
+
+
+_DEFAULTS = {f.name: f.default for f in fields(QuantConfig)}
+#: The act_ranges that read `sigma` (the sigma rule itself, or as fallback where no BatchNorm feeds a layer).
+_SIGMA_RANGES = ("sigma", "bn", "bn-mse")
+#: The data-driven act_ranges, which read `calib_batches` (and `percentile`).
+_CALIBRATED = ("max", "percentile", "mse", "entropy")
+#: The settings only quantized activations read.
+_ACTIVATION_ONLY = ("sigma", "bn_k", "aciq_stats", "percentile", "calib_batches", "act_per_channel",
+                    "act_bit_allocation", "aciq_cap")

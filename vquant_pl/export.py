@@ -15,8 +15,15 @@ of the quantization operators into ONNX `QuantizeLinear`/`DequantizeLinear` (ops
   8 bits (all weights of one sign: its codes span values on one side of zero) is stored as
   uint16 codes, an input range too far from zero in 16-bit QDQ; both are reported.
 - NVIDIA-style layers: scale-only symmetric QDQ (`scale = amax / (2^(b-1) - 1)`, zero
-  point 0, int8 -- uint8 when unsigned), on the input and on the float weight (axis 0),
-  as pytorch-quantization's export writes it, so TensorRT accepts it.
+  point 0, int8 -- uint8 when unsigned; with `four_bit=True` int4/uint4 where the codes fill
+  the type), on the input and on the float weight (axis 0), as pytorch-quantization's export
+  writes it, so TensorRT accepts it.
+
+With `four_bit=True` an input is held in a 4-bit type only where its codes fill it (4 bits;
+not a narrow range): ONNX has no Clip of 4-bit integers, so a narrower input stays 8-bit with
+its Clip (the report says which). A tied weight (one storage, as `quantize_model` sees it)
+is written as the same codes for each layer; a pruned layer (`torch.nn.utils.prune`) as the
+codes of `weight_orig * mask`, its pruned weights at the zero point.
 
 ONNX dequantizes as `(y - zero_point) * scale` and quantizes as `round(x / scale)`; vquant
 (rules 2 and 3) divides by and multiplies with `(2^b - 1) / width`. The ONNX scale is the
@@ -47,13 +54,13 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from .methods.aciq import weight_channel_bits
 from .nvidia.quant_modules import TensorQuantizer
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer, affine_scale, dequantize
-from .quantize import apply_transforms
-from .state import input_quantizer, iter_states, originals, restore_all
+from .quantize import _weight_source, apply_transforms
+from .state import input_quantizer, iter_states, originals, restore_all, storage_key
 
 OPSET = 21
 EXTRA = "pip install 'vquant-pl[export]'"
@@ -143,8 +150,8 @@ def _activation_qdq(scale: Tensor, zero_point: Tensor, q_min: Tensor, q_max: Ten
     zp = zero_point.detach().double().cpu().numpy().astype(np.int64).reshape(-1)
     q_lo = q_min.detach().double().cpu().numpy().astype(np.int64).reshape(-1)
     q_hi = q_max.detach().double().cpu().numpy().astype(np.int64).reshape(-1)
-    bits = int(np.ceil(np.log2((q_hi - q_lo + 1).max())))
-    small = ["int4" if signed else "uint4"] if four_bit and bits <= 4 else []
+    # a 4-bit type only where every channel's codes fill it: ONNX has no Clip of 4-bit integers
+    small = ["int4" if signed else "uint4"] if four_bit and bool(np.all(q_hi - q_lo == 15)) else []
     wide = ["int8", "int16"] if signed else ["uint8", "uint16"]
     dtype, zpo = _fit_zero_point(q_lo + zp, q_hi + zp, -zp, small + wide)  # int16 always fits rule 3's codes
     y_lo, y_hi = q_lo + zp + zpo, q_hi + zp + zpo
@@ -227,22 +234,37 @@ def _weights_before_rounding(model: nn.Module, states: list) -> dict[str, Tensor
     a restored copy."""
     config = states[0][2].run.config
     if config.equalize or config.weight_clip:
-        twin = copy.deepcopy(model)
+        twin = _copy(model)
         restore_all(twin)
         layers = [(name, twin.get_submodule(name)) for name, _, _ in states]
         bits = {name: state.row.weight_bits for name, _, state in states}  # each layer's, under mixed precision
         apply_transforms(twin, config, save=lambda module, name: True, layers=layers, weight_bits=bits)
         return {name: twin.get_submodule(name).weight.detach().clone() for name, _, _ in states}
-    saved: dict[int, Tensor] = {}
+    saved: dict[tuple, Tensor] = {}  # by storage, as quantize_model saves a tied weight: once
     for module in model.modules():
         for key, value in originals(module).items():
-            saved[id(getattr(module, key))] = value
+            saved.setdefault(storage_key(getattr(module, key)), value)
     out = {}
     for name, layer, _ in states:
-        if id(layer.weight) not in saved:
+        if _weight_source(name, layer) == "weight":
+            value = saved.get(storage_key(layer.weight))
+        else:  # pruned: quantize_model rounded `weight` (weight_orig * mask) and saved it on the layer
+            if "weight_orig" not in originals(layer):
+                raise ValueError(f"layer {name!r} was pruned after quantize_model: its masked weight is off the "
+                                 "integer grid; prune the float model, then quantize it")
+            value = originals(layer).get("weight")
+        if value is None:
             raise ValueError(f"layer {name!r}: the float weight before rounding is not saved on the model")
-        out[name] = saved[id(layer.weight)]
+        out[name] = value
     return out
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy`, also of a pruned layer after a forward with gradients: its `weight`
+    (recomputed by the pruning pre-hook) then has autograd history, which deepcopy refuses."""
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, Tensor) and v.grad_fn is not None}
+    return copy.deepcopy(model, memo)
 
 
 # ------------------------------------------------------------------------ operators for the export
@@ -332,7 +354,7 @@ def _channel_shape(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
 class _KeyedQuantizer:
     """Stands in for a per-channel activation quantizer in the export copy."""
 
-    def __init__(self, key: str, quantizer, channel_dim: int):
+    def __init__(self, key: str, quantizer):
         self.key, self.quantizer, self.bits = key, quantizer, quantizer.bits
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -374,19 +396,21 @@ def _prepare_vquant(twin: nn.Module, original: nn.Module, keys: Iterator[str], f
     rows, done = [], {}
     for name, layer, state in states:
         copy_layer = twin.get_submodule(name)
-        weight = layer.weight
-        if id(weight) in done:
-            desc, note = done[id(weight)]
-            note = f"weight shared with {desc!r}: written once"
-            w_desc = "shared"
+        source = _weight_source(name, layer)
+        if source != "weight":  # pruned: the copy's weight becomes what the forward computes, weight_orig * mask
+            prune.remove(copy_layer, "weight")
+        tied = storage_key(getattr(layer, source))  # a tied weight (one storage) was quantized once
+        if tied in done:
+            key, first = done[tied]
+            p, note = _PARAMS[key], f"weight shared with {first!r}: the same codes"
         else:
             key = next(keys)
             bits = _weight_bits(name, before[name], config, state.row.weight_bits)
-            p, note = _weight_qdq(name, weight, before[name], bits, four_bit)
+            p, note = _weight_qdq(name, copy_layer.weight, before[name], bits, four_bit)
             _PARAMS[key] = p
-            parametrize.register_parametrization(copy_layer, "weight", _KeyedWeight(key), unsafe=True)
-            done[id(weight)] = (name, note)
-            w_desc = f"{p.dtype} codes, per channel"
+            done[tied] = (key, name)
+        parametrize.register_parametrization(copy_layer, "weight", _KeyedWeight(key), unsafe=True)
+        w_desc = f"{p.dtype} codes, per channel"
         hook = input_quantizer(copy_layer)
         if hook is None or hook.quantizer is None:
             i_desc = "float"
@@ -400,13 +424,14 @@ def _prepare_vquant(twin: nn.Module, original: nn.Module, keys: Iterator[str], f
                 key = next(keys)
                 p.torch_fn = hook.quantizer
                 _PARAMS[key] = p
-                hook.quantizer = _KeyedQuantizer(key, hook.quantizer, hook.channel_dim)
+                hook.quantizer = _KeyedQuantizer(key, hook.quantizer)
         rows.append(ExportLayer(name, "vquant", w_desc, i_desc, note=note))
     return rows
 
 
-def _nvidia_qdq(name: str, q: TensorQuantizer, weight: bool) -> _QDQ | None:
-    """Scale-only symmetric QDQ of an NVIDIA-style quantizer, or None when it is off."""
+def _nvidia_qdq(name: str, q: TensorQuantizer, weight: bool, four_bit: bool) -> _QDQ | None:
+    """Scale-only symmetric QDQ of an NVIDIA-style quantizer, or None when it is off; with
+    `four_bit`, a quantizer whose codes fill int4 (uint4 when unsigned) in that type."""
     if q._disabled or not q._if_quant:
         return None
     if q._if_clip or q._learn_amax:
@@ -426,6 +451,8 @@ def _nvidia_qdq(name: str, q: TensorQuantizer, weight: bool) -> _QDQ | None:
     if q.num_bits > 8:
         raise ValueError(f"{name}: {q.num_bits}-bit quantizers have no 8-bit ONNX type")
     lo = 0 if q.unsigned else (-max_bound if q.narrow_range else -max_bound - 1)
+    if four_bit and (lo, max_bound) == _RANGES[dtype.replace("8", "4")]:  # its codes fill the 4-bit type
+        dtype = dtype.replace("8", "4")
     t_min, t_max = _RANGES[dtype]
     clip = None if (lo, max_bound) == (t_min, t_max) else (np.array(int(lo)), np.array(int(max_bound)))
     axis = 0
@@ -444,7 +471,7 @@ def _nvidia_qdq(name: str, q: TensorQuantizer, weight: bool) -> _QDQ | None:
     return p
 
 
-def _prepare_nvidia(twin: nn.Module, keys: Iterator[str]) -> list[ExportLayer]:
+def _prepare_nvidia(twin: nn.Module, keys: Iterator[str], four_bit: bool) -> list[ExportLayer]:
     rows = []
     for name, layer in twin.named_modules():
         quantizers = {what: getattr(layer, what, None) for what in ("_input_quantizer", "_weight_quantizer")}
@@ -452,7 +479,7 @@ def _prepare_nvidia(twin: nn.Module, keys: Iterator[str]) -> list[ExportLayer]:
             continue
         desc = {}
         for what, q in quantizers.items():
-            p = _nvidia_qdq(f"layer {name!r} {what[1:]}", q, weight=what == "_weight_quantizer")
+            p = _nvidia_qdq(f"layer {name!r} {what[1:]}", q, what == "_weight_quantizer", four_bit)
             if p is None:
                 desc[what] = "float"
                 continue
@@ -476,8 +503,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         path: the `.onnx` file to write.
         example_input: an input batch (float32); its shape fixes all but the batch size.
         dynamic_batch: leave the batch dimension free.
-        four_bit: hold 4-bit (and narrower) weights and inputs in ONNX's uint4/int4 types
-            instead of 8-bit types with a clamp (onnxruntime then runs them as float).
+        four_bit: hold weights of 4 bits or fewer, and inputs whose codes fill 4 bits, in
+            ONNX's uint4/int4 types instead of 8-bit types with a clamp (onnxruntime then runs
+            them as float); on both vquant and NVIDIA-style layers.
         overwrite: replace an existing file.
         verify: run `onnx.checker`, then the file in onnxruntime (CPU) on `example_input`,
             and fill `max_abs_diff`, `same_argmax` and each layer's onnxruntime operator.
@@ -512,10 +540,10 @@ def _export(model: nn.Module, path: Path, example_input: Tensor, dynamic_batch: 
     if bad is not None:
         raise ValueError(f"tensor {bad!r} of the model is not float32: export a float32 model (model.float())")
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    twin = copy.deepcopy(model).cpu().eval()
+    twin = _copy(model).cpu().eval()
     keys = (f"{id(twin)}:{i}" for i in itertools.count())
     try:
-        rows = _prepare_vquant(twin, model, keys, four_bit) + _prepare_nvidia(twin, keys)
+        rows = _prepare_vquant(twin, model, keys, four_bit) + _prepare_nvidia(twin, keys, four_bit)
         if not rows:
             raise ValueError(f"{type(model).__name__} is not quantized: quantize it with vquant_pl.quantize_model "
                              "(or the callback with keep_quantized=True), or build it from QuantConv*/QuantLinear")
@@ -608,17 +636,18 @@ def _layer_ops(path: str, rows: list[ExportLayer]) -> None:
     producers = {out: node for node in graph.node for out in node.output}
     for row, node in zip(rows, convs):
         weight_src = producers.get(node.input[1])
-        weight_init = weight_src.input[0] if weight_src is not None else node.input[1]
-        while weight_init in producers and producers[weight_init].op_type in ("QuantizeLinear", "Transpose"):
-            weight_init = producers[weight_init].input[0]
-        row.ort_op = kernels.get(weight_init, "?")
+        chain = [weight_src.input[0] if weight_src is not None else node.input[1]]
+        while chain[-1] in producers and producers[chain[-1]].op_type in ("QuantizeLinear", "Transpose"):
+            chain.append(producers[chain[-1]].input[0])
+        # the weight initializer, or what onnxruntime folded it into (the int4 Q of an NVIDIA float weight)
+        row.ort_op = next((kernels[n] for n in reversed(chain) if n in kernels), "?")
         if row.ort_op in INTEGER_OPS:
             continue
         after = sorted({c.op_type for c in consumers.get(node.output[0], [])})
         why = []
         if row.input == "float":
             why.append("input float")
-        if not row.weight.startswith(("uint8", "int8", "shared")):
+        if not row.weight.startswith(("uint8", "int8")):
             why.append(f"{row.weight.split()[0]} weights")
         if "QuantizeLinear" not in after:
             why.append(f"output goes to {'/'.join(after) or 'the graph output'}, not a QuantizeLinear")

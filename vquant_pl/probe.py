@@ -25,16 +25,22 @@ class Probe:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """(H, W) the model (or the first submodule that says) was built for: pytorchcv
-    `in_size`, timm `pretrained_cfg`, EfficientNet-Lite `input_image_size`."""
+    """(H, W) the model (or the first submodule that says) is evaluated at: the
+    `.preprocessing` that `create_model` / `attach_preprocessing` attach, pytorchcv
+    `in_size`, timm `pretrained_cfg` (its test size when it has one, as timm's evaluation
+    transform uses), EfficientNet-Lite `input_image_size`."""
     for module in model.modules():
-        size = getattr(module, "in_size", None)
+        size = getattr(getattr(module, "preprocessing", None), "input_size", None)
+        if size is None:
+            size = getattr(module, "in_size", None)
         if isinstance(size, (tuple, list)) and len(size) == 2:
             return int(size[0]), int(size[1])
         for attr in ("pretrained_cfg", "default_cfg"):
             cfg = getattr(module, attr, None)
-            if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
-                return tuple(int(s) for s in cfg["input_size"][1:])  # type: ignore[return-value]
+            if isinstance(cfg, dict):
+                size = cfg.get("test_input_size") or cfg.get("input_size") or ()
+                if len(size) == 3:
+                    return int(size[1]), int(size[2])
         size = getattr(module, "input_image_size", None)
         if isinstance(size, int):
             return size, size

@@ -22,7 +22,7 @@ from .methods.aciq import PreActivationTap, bias_correct, weight_channel_bits
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer
 from .config import QuantConfig
 from .input_quantizer import InputQuantizer, Quantizer, union_range
-from .probe import Probe, make_probe
+from .probe import Probe, default_probe_shape, make_probe
 from .methods.table import METHODS, RangeMethod
 from .report import LayerReport, QuantReport
 from .methods.bn_graph import bn_call_stats
@@ -210,24 +210,27 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
 
     config, method, first = plan.config, plan.method, plan.layers[0][1]
     stats = bn_stats(model, [name for name, _ in plan.layers])
-    if isinstance(probe, Tensor):  # the inputs' element counts at the size the model will be run at
-        shape = probe.shape
-    else:
-        shape = (probe.shape if isinstance(probe, Probe) else None) or config.probe_shape or \
-            default_probe_shape(model, first)
-    example = torch.zeros((1, *shape[1:]), device=first.weight.device, dtype=first.weight.dtype)  # shapes only
-    inputs = config.mixed_precision == "all"
-    gain_probe = None
-    if inputs:  # the output gains of the inputs are measured on the run's probe (its first samples)
+    example = gain_probe = None
+    if config.mixed_precision == "all":  # input bits: element counts and output gains on the run's probe
+        if isinstance(probe, Tensor):  # the inputs' element counts at the size the model will be run at
+            shape = probe.shape
+        else:
+            shape = (probe.shape if isinstance(probe, Probe) else None) or config.probe_shape or \
+                default_probe_shape(model, first)
+        example = torch.zeros((1, *shape[1:]), device=first.weight.device, dtype=first.weight.dtype)  # shapes only
         given = probe if probe is not None else Probe(config.probe_seed, config.probe_shape)
         if isinstance(given, Probe):  # the first samples of the run's probe (a seeded draw's prefix)
             shape = given.shape or default_probe_shape(model, first)
             given = Probe(given.seed, (min(GAIN_PROBES, shape[0]), *shape[1:]))
-        elif isinstance(given, Tensor):
+            info = {"seed": given.seed, "shape": list(given.shape)}
+        else:
             given = given[:GAIN_PROBES]  # moved to the device after the cut
+            info = {"tensor": list(probe.shape)}
         gain_probe = make_probe(given, model, first, first.weight.device, first.weight.dtype)
+        if plan.probe_info is None:  # the report names the probe the allocation used
+            plan.probe_info = info
     alloc = allocate(model, plan.layers, stats, config.weight_bits, _layer_act_bits(config, len(plan.layers)),
-                     config.act_bits if inputs else None,
+                     config.act_bits if gain_probe is not None else None,
                      lambda s, b, layer: method.range_from_bn(s, b, config, layer), example, config.mixed_min_bits,
                      config.rounding, plan.backend, gain_probe)
     plan.weight_bits, plan.act_bits = alloc.weight_bits, alloc.act_bits
@@ -311,7 +314,7 @@ def _prepare(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> boo
         return apply_transforms(model, config, save_original, plan.layers)
     apply_transforms(model, config.replace(weight_clip=False), save_original, plan.layers)
     _allocate_bits(model, plan, probe)
-    apply_transforms(model, config.replace(equalize=False), save_original, plan.layers,
+    apply_transforms(model, config.without_equalize(), save_original, plan.layers,
                      {name: b for (name, _), b in zip(plan.layers, plan.weight_bits)})
     return True
 
@@ -416,8 +419,29 @@ def _refuse_partial_overlap(name: str, weight: Tensor, plan: _Plan) -> None:
                              "quantizing one changes the other; give each layer its own weight (clone it)")
 
 
-def _check_written(plan: _Plan) -> None:
-    """After the probe pass: every layer's forward still reads the weight this run wrote."""
+def _check_written(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> None:
+    """Every layer's forward still reads the weight this run wrote: checked after the probe
+    pass, or, where none ran (BatchNorm ranges, float inputs) and a layer carries a forward
+    pre-hook that is not vquant's or pruning's (one that may recompute the weight), after one
+    forward of a single probe sample."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    foreign = [name for name, layer in plan.layers for hook in layer._forward_pre_hooks.values()
+               if not isinstance(hook, (InputQuantizer, BasePruningMethod))]
+    if plan.passes == 0 and foreign:
+        first = plan.layers[0][1]
+        if isinstance(probe, Tensor):
+            one = probe[:1]
+        else:
+            probe = probe or Probe(plan.config.probe_seed, plan.config.probe_shape)
+            shape = tuple(probe.shape or default_probe_shape(model, first))
+            one = Probe(probe.seed, (1, *shape[1:])).tensor((1, *shape[1:]))
+        try:
+            _run(model, one.to(first.weight.device, first.weight.dtype))
+        except Exception as err:
+            raise RuntimeError(f"layer(s) {foreign[:3]} carry forward pre-hooks, so one forward of a probe sample "
+                               f"of shape {tuple(one.shape)} checks that they still read the quantized weights; "
+                               f"it failed (pass probe= an input that fits): {err}") from err
     for name, layer in plan.layers:
         if getattr(layer, _weight_source(name, layer)) is not plan.written.get(name):
             raise RuntimeError(f"layer {name!r}: its weight was replaced during the forward (a hook recomputes it), "
@@ -647,6 +671,8 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
     config = _merge_config(call.get("config"), {k: v for k, v in call.items() if k in _SETTINGS})
     probe, calibration, progress = call.get("probe"), call.get("calibration"), call.get("progress")
     _refuse_ignored(config, call)
+    model = _uncompiled(model)
+    _drop_compiled_code()
     with torch.inference_mode(False), torch.no_grad(), run_scope():
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
@@ -654,17 +680,48 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
             if _prepare(model, plan, probe):  # the transforms changed the weights and BatchNorm parameters
                 if config.quantizes_activations and plan.method.uses_bn(config):
                     _bn_ranges(model, plan)
-            run.bit_budget = plan.bit_budget
+            run.bit_budget, run.probe = plan.bit_budget, plan.probe_info  # both may come from _prepare
             rows, run.weight_time_s = _quantize_weights(plan, progress)
             hooks = _attach_input_quantizers(plan, rows)
             run.probe_time_s = _fix_ranges(model, plan, hooks, calibration, progress)
-            _check_written(plan)
+            _check_written(model, plan, probe)
             _correct_bias(model, plan, hooks, rows)
             _commit(plan, rows, hooks, run)
         except BaseException:
             undo_run(model)
             raise
+        finally:
+            _drop_compiled_code()
     return quantization_report(model)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and type(module).__module__.startswith("torch._dynamo")
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile` wrapper holds (quantized eagerly; the wrapper recompiles at
+    its next call). A compiled submodule is refused: the passes that fix the ranges would run
+    through its compiled code."""
+    if isinstance(model, nn.Module) and _is_compiled(model):
+        model = model._orig_mod
+    if isinstance(model, nn.Module):
+        inner = next((name for name, m in model.named_modules() if _is_compiled(m)), None)
+        if inner is not None:
+            raise ValueError(f"submodule {inner!r} is compiled (torch.compile): quantize the model before compiling "
+                             "its parts, or compile the whole model and pass that")
+    return model
+
+
+def _drop_compiled_code() -> None:
+    """`torch.compiler.reset()` when anything may have been compiled: `torch.compile` does not
+    see forward hooks added or removed after it compiled a module, so a model compiled before
+    `quantize_model` (or `restore_model`) would keep running without (or with) the input
+    quantizers. Compiled code recompiles at its next call."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        torch.compiler.reset()
 
 
 _SETTINGS = tuple(QuantConfig.field_names())
@@ -729,6 +786,7 @@ def restore_model(model: nn.Module) -> None:
     if not has_state(model):
         raise ValueError(f"{type(model).__name__} is not quantized by vquant_pl")
     restore_all(model)
+    _drop_compiled_code()
 
 
 def activation_ranges(model: nn.Module) -> list[tuple | None]:

@@ -74,6 +74,29 @@ def test_main_writes_table_csv_json_and_figure(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("kinds", [False, True])
+def test_out_never_overwrites_a_file_and_is_refused_before_any_work(tmp_path, monkeypatch, capsys, kinds):
+    import vquant_pl.models
+
+    torch.save(_net(), tmp_path / "net.pt")
+    torch.save({"images": torch.randn(2, 3, 6, 6)}, tmp_path / "images.pt")
+    mine = tmp_path / "mine"
+    for suffix in (".csv", ".json", ".png"):
+        mine.with_suffix(suffix).write_text("USER DATA\n")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(vquant_pl.models, "create_model", no_work)
+    argv = [str(tmp_path / "net.pt"), "--allow-pickle", "--images", str(tmp_path / "images.pt"), "--out", str(mine)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--kinds"] * kinds)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "choose another --out" in err
+    assert str(mine.with_suffix(".png")) in err and (str(mine.with_suffix(".csv")) in err) != kinds
+    assert all(mine.with_suffix(x).read_text() == "USER DATA\n" for x in (".csv", ".json", ".png"))
+
+
 class _Payload:
     """A crafted file: unpickling it would create a marker file."""
 

@@ -68,17 +68,18 @@ def test_sweep_writes_table_csv_and_plot(tmp_path, capsys):
     assert [r["status"] for r in rows] == ["ok", rows[1]["status"], "ok"] and rows[1]["status"].startswith("failed")
     assert [r.get("bits") for r in rows] == ["W8A8", None, "W4A4"]
     assert rows[0]["top1"] >= 85 and rows[2]["top1"] < rows[0]["top1"]  # 4 bits cost accuracy
-    with open(tmp_path / "results.csv") as f:
+    assert (tmp_path / "results.md").read_text() == "an older table\n"  # kept; this sweep's table is numbered
+    with open(tmp_path / "results_1.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(table[i]["top1"]) for i in (0, 2)] == [rows[i]["top1"] for i in (0, 2)]
     assert table[0]["model"] == "efficientnet_lite:lite0" and table[0]["scored_by"] == "labels"
     assert float(table[0]["quant_ms"]) > 0 and table[0]["paper_top1"] == ""
     assert (table[0]["samples"], table[0]["skipped"]) == ("40", "0")
     assert table[1]["config"] == "broken" and "did you mean resnet18" in table[1]["status"]
-    md = (tmp_path / "results.md").read_text().splitlines()
+    md = (tmp_path / "results_1.md").read_text().splitlines()
     assert md[0].startswith("| config | model | bits") and len(md) == 5 and "| W4A4 |" in md[4]
-    assert "| samples | skipped |" in md[0] and "an older table" not in md
-    with Image.open(tmp_path / "accuracy.png") as png:
+    assert "| samples | skipped |" in md[0]
+    with Image.open(tmp_path / "accuracy_1.png") as png:
         assert png.size[0] >= 600 and png.getextrema() != ((255, 255),) * 3
     saved = yaml.safe_load((tmp_path / "w4a4" / "config.yaml").read_text())  # beside the results, not in cwd
     assert saved["quant"]["weight_bits"] == 4 and saved["data"]["limit"] == 40

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import vquant_pl as vq
-from helpers import REPO
+from helpers import REPO, SAMPLE
 from vquant_pl.cli.recipes import load_recipe
 
 
@@ -106,17 +106,110 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+def _labelled_folder(folder, n=3, seed=0):
+    """n random-noise JPEGs named `<synset>_<i>.JPEG` (tench, goldfish, ...)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    synsets = ["n01440764", "n01443537", "n01484850", "n01491361"]
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{synsets[i % 4]}_{i}.JPEG")
+    return folder
+
+
 def test_cached_sample_and_golden_file_are_loaded_weights_only(tmp_path, monkeypatch):
     from vquant_pl.cli import selftest
-    from vquant_pl.cli.recipes import sample_tensors
+    from vquant_pl.cli.recipes import cache_file, sample_tensors
     from vquant_pl.models import UnsafeFile
 
+    folder = _labelled_folder(tmp_path / "imgs")
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "pwned"
-    torch.save({"images": torch.zeros(1), "labels": torch.zeros(1), "x": _Payload(marker)}, tmp_path / "lite0_sample.pt")
-    with pytest.raises(UnsafeFile, match="cached sample .*lite0_sample.pt holds objects other than tensors"):
-        sample_tensors("lite0", cache_dir=tmp_path)
+    torch.save({"images": torch.zeros(1), "labels": torch.zeros(1), "x": _Payload(marker)},
+               cache_file("lite0", folder, tmp_path))
+    with pytest.raises(UnsafeFile, match="cached sample .*lite0_imgs.pt holds objects other than tensors"):
+        sample_tensors("lite0", folder, cache_dir=tmp_path)
     torch.save({"weights": [], "x": _Payload(marker)}, tmp_path / "golden.pt")
     with pytest.raises(UnsafeFile, match="golden file .*golden.pt holds objects other than tensors"):
         selftest.check({}, str(tmp_path / "golden.pt"))
     assert not marker.exists()
+
+
+def test_sample_cache_is_keyed_by_the_files_and_the_preprocessing(tmp_path, monkeypatch, capsys):
+    """The cache was keyed by the model name alone: other images in the folder, or another
+    folder of the same name, were served the first folder's tensors."""
+    from vquant_pl.cli import recipes
+    from vquant_pl.datamodules import imagenet
+
+    folder = _labelled_folder(tmp_path / "a" / "val")
+    images, labels = recipes.sample_tensors("lite0", folder, cache_dir=tmp_path / "cache")
+    assert images.shape == (3, 3, 224, 224) and labels.tolist() == [0, 1, 2]
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded although cached")
+
+    monkeypatch.setattr(imagenet, "open_image", no_decoding)
+    again, _ = recipes.sample_tensors("lite0", folder, cache_dir=tmp_path / "cache")
+    assert torch.equal(again, images)
+    monkeypatch.undo()
+
+    other = _labelled_folder(tmp_path / "b" / "val", n=4, seed=1)  # same name, other images
+    images2, labels2 = recipes.sample_tensors("lite0", other, cache_dir=tmp_path / "cache")
+    assert labels2.tolist() == [0, 1, 2, 3] and not torch.equal(images2[:3], images)
+    assert "made from other files" in capsys.readouterr().out
+    lite1, _ = recipes.sample_tensors("lite1", other, cache_dir=tmp_path / "cache")  # another transform
+    assert lite1.shape[-1] == 240
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["lite0_val.pt", "lite1_val.pt"]
+
+
+def test_data_folder_names_a_missing_folder(tmp_path, monkeypatch):
+    from vquant_pl.cli.recipes import data_folder
+
+    monkeypatch.setenv("VQUANT_SHARED", str(tmp_path))
+    (tmp_path / "data" / "imagenet-sample").mkdir(parents=True)
+    assert data_folder("imagenet-sample") == tmp_path / "data" / "imagenet-sample"
+    with pytest.raises(FileNotFoundError, match=r"image folder 'nope' not found, neither as a path nor in .*data"):
+        data_folder("nope")
+
+
+def test_paired_difference():
+    from vquant_pl.cli.recipes import paired_difference
+
+    ref = torch.zeros(500, dtype=torch.bool)
+    ref[:437] = True
+    same = paired_difference(ref, ref)
+    assert same[0] == 0.0 and same[2] == pytest.approx(100 * 1.96 / 502) and same[1] == -same[2]
+    quant = ref.clone()
+    quant[:4] = False  # 4 lost, 1 gained: -0.6 points
+    quant[437] = True
+    diff, low, high = paired_difference(quant, ref)
+    assert diff == pytest.approx(-0.6) and low < -0.6 < high and low < 0 < high
+    back = paired_difference(ref, quant)
+    assert back == pytest.approx((0.6, -high, -low))
+    many = torch.zeros(500, dtype=torch.bool)  # 100 lost: far below 0
+    many[:337] = True
+    assert paired_difference(many, ref)[2] < -15
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"ImageNet sample {SAMPLE} not found")
+def test_recipe_table_counts_every_image_of_every_folder(tmp_path, capsys, monkeypatch):
+    from vquant_pl.cli import recipes
+    from vquant_pl.models import create_model
+
+    monkeypatch.chdir(tmp_path)
+    extra = _labelled_folder(tmp_path / "noise", n=2)
+    assert recipes.main(["--models", "lite0", "--bits", "8", "--recipes", "vquant", "--num", "6",
+                         "--data", str(SAMPLE), str(extra)]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| lite0")]
+    images, labels = recipes.sample_tensors("lite0", SAMPLE)
+    model, _ = create_model("efficientnet_lite:lite0")
+    with torch.inference_mode():
+        hits = int((model(images[:6]).argmax(1) == labels[:6]).sum())
+    assert rows[0].startswith(f"| lite0 | float | - | {100 * hits / 6:.1f} ({hits}/6) | ")
+    assert "/2) | " in rows[0] and "/8) |" in rows[0]
+    assert rows[1].startswith("| lite0 | W8A8 | vquant | ") and "/8 | " in rows[1]
+    with pytest.raises(SystemExit):
+        recipes.main(["--data", str(extra), str(tmp_path / "x" / "noise")])
+    assert "not found" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vquant_pl as vq
-from vquant_pl.cli.sweep import main as sweep, markdown, run_names
+from vquant_pl.cli.sweep import main as sweep, markdown, run_names, table_paths
 
 from helpers import REPO, SAMPLE, small_cli_config
 
@@ -83,6 +83,29 @@ def test_sweep_run_folders_do_not_overwrite_each_other(tmp_path):
     assert [r["status"].split("'")[1] for r in rows] == ["nope0", "nope1", "nope2"]
 
 
+def test_a_reused_out_keeps_the_earlier_table(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {name: f"earlier {name}\n" for name in ("results.md", "results.csv", "accuracy.png")}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    broken = tmp_path / "x.yaml"
+    broken.write_text("model:\n  model: timm:nope\n")  # fails fast: a row without any quantization
+    rows = sweep([str(broken), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert {name: (out / name).read_text() for name in earlier} == earlier
+    assert printed.index("results_1.md, results_1.csv, accuracy_1.png") < printed.index("[1/1] x: running")
+    assert len(rows) == 1 and "| x |" in (out / "results_1.md").read_text()
+    assert str(out / "results_1.csv") in printed  # the final "wrote ..." line
+    assert table_paths(out)[2].name == "accuracy_2.png"  # the next sweep's
+
+
+def test_table_paths_are_numbered_together(tmp_path):
+    assert [p.name for p in table_paths(tmp_path)] == ["results.md", "results.csv", "accuracy.png"]
+    (tmp_path / "accuracy.png").write_text("a figure of yours")
+    assert [p.name for p in table_paths(tmp_path)] == ["results_1.md", "results_1.csv", "accuracy_1.png"]
+
+
 def test_diff_only_for_rows_scored_by_labels(tmp_path, checkpoints, monkeypatch):
     import vquant_pl.cli.sweep as sweep_module
 
@@ -149,3 +172,14 @@ def test_onnx_without_the_extra_names_it_before_any_run(tmp_path, monkeypatch, c
 
 def test_markdown_has_no_onnx_columns_without_onnx():
     assert "onnxruntime" not in markdown([{"config": "x", "top1": 1.0, "status": "ok"}])
+
+
+def test_a_mixed_precision_row_says_so_and_is_not_compared_with_the_paper(tmp_path, checkpoints, monkeypatch):
+    """A mixed run was labelled as uniform W8A8 and given the paper's uniform top-1 and diff."""
+    import vquant_pl.cli.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "paper_top1", lambda *args: 50.0)
+    config = _config(tmp_path / "m.yaml", checkpoints[0], extra="  mixed_precision: weights\n  mixed_min_bits: 6\n")
+    row = sweep([str(config), "--out", str(tmp_path / "o")])[0]
+    assert row["bits"] == "W8A8 (average)" and row["method"].endswith("+mixed(weights)")
+    assert row["paper_top1"] is None and row["diff"] is None

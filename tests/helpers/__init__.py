@@ -9,15 +9,23 @@ SAMPLE = SHARED / "data" / "imagenet-sample"
 SYNSETS = SHARED / "data" / "imagenet_synsets.txt"
 
 
-#: One non-default value for every QuantConfig field (a consistent config): the tests that
-#: hold quantize_model, the callback and the CLI to the dataclass all use it, and fail when a
-#: field is added to QuantConfig without a value here.
-NON_DEFAULT = dict(weight_bits=6, act_bits=6, rounding="squant-k", act_range="aciq-laplace", sigma=9.0, bn_k=2.5,
+#: Consistent configs, each listing every QuantConfig field, that between them give every
+#: field a non-default value (one config cannot: `bn_k` is read only by `bn` ranges,
+#: `percentile` only by the percentile calibrator, ...). The tests that hold quantize_model,
+#: the callback and the CLI to the dataclass use them, and fail when a field is added to
+#: QuantConfig without a value here.
+NON_DEFAULT = dict(weight_bits=6, act_bits=6, rounding="squant-k", act_range="aciq-laplace", sigma=None, bn_k=None,
                    aciq_stats="bn", bias_correction=True, bit_allocation=True, act_bit_allocation=True,
                    bn_bias_correction="all", equalize=True, equalize_alpha=0.3, equalize_k=3.0, weight_clip=True,
-                   percentile=99.0, calib_batches=3, probe_seed=7, probe_shape=(2, 3, 8, 8), backend="torch",
+                   percentile=99.99, calib_batches=8, probe_seed=7, probe_shape=(2, 3, 8, 8), backend="torch",
                    act_per_channel=True, bit_allocation_rule="exact", bias_correction_rule="mean-std", aciq_cap=True,
                    mixed_precision="all", mixed_min_bits=2)
+NON_DEFAULTS = [
+    NON_DEFAULT,
+    NON_DEFAULT | dict(act_range="bn", sigma=9.0, bn_k=2.5, aciq_stats="probe", aciq_cap=False),
+    NON_DEFAULT | dict(act_range="percentile", percentile=99.0, calib_batches=3, aciq_stats="probe", aciq_cap=False,
+                       act_bit_allocation=False, act_per_channel=False, mixed_precision="weights"),
+]
 
 
 def small_cli_config(path: Path, *, limit: int = 4, batch_size: int = 2, checkpoint: Path | None = None,

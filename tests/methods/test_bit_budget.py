@@ -359,12 +359,15 @@ def test_a_tied_weight_costs_the_noise_of_every_layer_using_it(monkeypatch):
 
 
 def test_element_counts_follow_a_given_probe():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(),
-                        nn.Linear(8 * 6 * 6, 10)).eval()
-    with pytest.warns(UserWarning, match="the average is 3.34884, not 4"):  # 216 and 2880 parameters
-        rep = vq.quantize_model(net, probe=torch.rand(4, 3, 8, 8), config=QuantConfig(mixed_precision="all"))
-    assert rep.bit_budget["act_elements"] == 0 and rep.bit_budget["act_average"] is None  # first float, last 8
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                        nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    rep = vq.quantize_model(net, probe=torch.rand(4, 3, 8, 8), config=QuantConfig(mixed_precision="all"))
+    assert rep.bit_budget["act_elements"] == 8 * 6 * 6 and rep.bit_budget["act_average"] == 4  # not at 224 x 224
     vq.restore_model(net)
+    two = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    with pytest.raises(ValueError, match="no layer input can take part"):  # the first input float, the last 8 bits
+        vq.quantize_model(two.eval(), probe=torch.rand(4, 3, 8, 8), config=QuantConfig(mixed_precision="all"))
 
 
 def test_weight_clip_under_mixed_precision_clips_each_layer_for_its_own_bits(monkeypatch):
@@ -378,3 +381,112 @@ def test_weight_clip_under_mixed_precision_clips_each_layer_for_its_own_bits(mon
     bits = [r.weight_bits for r in rep.layers]
     assert asked == bits and len(set(bits)) > 1
     vq.restore_model(net)
+
+
+# -- the second review's edges ---------------------------------------------------------
+def _five(small_head: bool = False):
+    torch.manual_seed(0)
+    chans = [3, 16, 32, 32, 64, 64]
+    body = []
+    for i, o in zip(chans, chans[1:]):
+        body += [nn.Conv2d(i, o, 3 if o != 64 or i != 64 else 1, padding=1 if o != 64 or i != 64 else 0),
+                 nn.BatchNorm2d(o), nn.ReLU()]
+    m = nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.weight.data.uniform_(0.2, 3)
+            bn.bias.data.uniform_(-2, 2)
+    if small_head:
+        m[-1].weight.data *= 1e-6  # small logits, e.g. a temperature-scaled head
+    return m
+
+
+def test_statistics_follow_the_device_of_the_model():
+    """On CUDA the BatchNorm draws (CPU noise + CUDA statistics) and the zero/one moments of a
+    layer without statistics (CPU) crashed; meta stands in for the other device here."""
+    from vquant_pl.methods.bn_graph import ChannelStats
+    from vquant_pl.methods.bn_mse import sample_stats
+
+    cpu = sample_stats(ChannelStats(torch.zeros(3), torch.ones(3)), 5, 0)
+    meta = sample_stats(ChannelStats(torch.zeros(3, device="meta"), torch.ones(3, device="meta")), 5, 0)
+    assert meta.device.type == "meta" and meta.shape == cpu.shape
+    layer = nn.Conv2d(3, 8, 3, device="meta")
+    mean, var = bit_budget._input_moments(layer, None)
+    assert mean.device.type == var.device.type == "meta"
+    assert bit_budget._signal(layer.weight, layer, mean, var).device.type == "meta"
+
+
+def test_half_precision_gains_are_measured_in_float32():
+    """fp16 gains underflowed to 0 with a small head, and the input bits differed from fp32's."""
+    bits = {}
+    for dtype in (torch.float32, torch.float16):
+        report = vq.quantize_model(_five(small_head=True).to(dtype), 4, 4, mixed_precision="all",
+                                   probe_shape=(32, 3, 16, 16))
+        bits[dtype] = [r.act_bits for r in report.layers]
+    assert bits[torch.float16] == bits[torch.float32]
+    model = _five(small_head=True).half()
+    layers = quantizable_layers(model)
+    gains = output_gains(model, layers[1:5], torch.rand(8, 3, 16, 16).half())
+    assert all(bool((g > 0).all()) and g.dtype == torch.float32 for g in gains.values())
+
+
+def test_a_linear_after_flatten_is_left_out_of_the_input_budget():
+    """BatchNorm channels (8) that are not the Linear's inputs (288) crashed the cost."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    report = vq.quantize_model(net, 4, 4, mixed_precision="all", probe_shape=(4, 3, 8, 8))
+    assert report.layers[2].act_bits == 4 and report.bit_budget["act_elements"] == 8 * 6 * 6
+
+
+def test_all_without_any_batchnorm_fed_input_is_refused():
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="no layer input can take part in the input budget"):
+        vq.quantize_model(net, 4, 4, mixed_precision="all", probe_shape=(8, 16))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not vq.is_quantized(net)
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _five()
+
+    def forward(self, x):
+        for i, m in enumerate(self.net):
+            x = m(input=x) if i == 3 else m(x)  # the second conv called by keyword
+        return x
+
+
+def test_a_layer_called_by_keyword_and_a_fixed_size_model():
+    """A keyword-called layer gave an IndexError; under 'weights' a model built for 16x16 failed
+    in a 224x224 forward that only 'all' needs."""
+    with pytest.warns(UserWarning, match="mixed precision, weights: exact_fill found no moves") as caught:
+        report = vq.quantize_model(_KeywordCall().eval(), 4, 4, mixed_precision="all", probe_shape=(8, 3, 16, 16))
+    assert caught[0].filename == __file__  # the warning points at the caller, not into torch
+    assert report.layers[1].name == "net.3" and report.layers[1].act_bits is None  # input float, and said so
+    assert "input float" in report.layers[1].note and report.bit_budget["act_average"] == 4
+    torch.manual_seed(0)
+    fixed = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 10)).eval()
+    with pytest.warns(UserWarning, match="exact_fill found no moves"):  # two layers: 216 and 20480 parameters
+        assert vq.quantize_model(fixed, 4, None, mixed_precision="weights").num_layers == 2  # no 224 x 224 forward
+    vq.restore_model(fixed)
+    with pytest.raises(ValueError, match=r"pass probe_shape= the input shape the model takes"):
+        vq.quantize_model(fixed, 4, 4, mixed_precision="all")
+
+
+def test_each_modules_train_flag_is_kept():
+    for mixed in ("weights", "all"):
+        net = _five().train()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # frozen BatchNorm inside a training model
+        before = [m.training for m in net.modules()]
+        vq.quantize_model(net, 4, 4, mixed_precision=mixed, probe_shape=(8, 3, 16, 16))
+        assert [m.training for m in net.modules()] == before, mixed
+
+
+def test_the_report_names_the_probe_the_allocation_used():
+    report = vq.quantize_model(_five(), 4, 4, mixed_precision="all", probe_seed=2, probe_shape=(64, 3, 16, 16))
+    assert report.probe == {"seed": 2, "shape": [32, 3, 16, 16]} and report.to_dict()["probe"] == report.probe

@@ -10,7 +10,7 @@ predictions, and top-1 when labels are given. Each row also carries the weight's
 error `||Wq - W|| / ||W||` and, for the input, the fraction of values outside the range
 (clipping) as the float model sees them.
 
-    vquant analyze efficientnet_lite:lite0 --images runs/recipes/lite0_sample.pt --num 32 \
+    vquant analyze efficientnet_lite:lite0 --images runs/recipes/lite0_imagenet-sample.pt --num 32 \
         --weight-bits 4 --act-bits 4 --act-range bn --out runs/analyze/lite0_w4a4
 """
 from __future__ import annotations
@@ -185,7 +185,7 @@ def _transformed_copy(model: nn.Module, images: Tensor, labels: Tensor | None, s
     keep_clip = config.mixed_precision is not None and config.weight_clip
     qz.apply_transforms(work, config.replace(weight_clip=config.weight_clip and not keep_clip),
                         save=lambda module, name: True)
-    return work, config.replace(equalize=False, weight_clip=keep_clip), qz.quantizable_layers(work)
+    return work, config.without_equalize().replace(weight_clip=keep_clip), qz.quantizable_layers(work)
 
 
 @torch.no_grad()
@@ -367,7 +367,7 @@ def error_kinds(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
     finally:
         qz.restore_model(work)
     if config.weight_bits is not None:
-        qz.quantize_model(work, config=config.replace(act_bits=None))
+        qz.quantize_model(work, config=config.without_activations())
         try:
             score("weights only (bias-corrected)" if config.bn_bias_correction else "weights only")
         finally:
@@ -452,11 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default=None, help="a recipe name (configs/recipes/: vquant, squant, bn, ...) or a "
                    "YAML file with quant:; the flags given (--weight-bits etc.) override it")
     p.add_argument("--top", type=int, default=20, help="rows printed (all are written to CSV)")
-    p.add_argument("--out", default=None, help="output prefix for .csv, .json and .png")
+    p.add_argument("--out", default=None, help="output prefix for .csv, .json and .png (never overwritten)")
     p.add_argument("--allow-pickle", action="store_true", help="MODEL is a whole pickled model you trust")
     p.add_argument("--kinds", action="store_true", help="instead: the error split by kind (weights, input "
                    "clipping, input rounding, per-tensor ranges per layer kind; `error_kinds`)")
     args = p.parse_args(argv)
+    out = Path(args.out) if args.out else None
+    suffixes = [".png"] if args.kinds else [".csv", ".json", ".png"]
+    targets = [out.with_suffix(x) for x in suffixes] if out else []
+    taken = [str(t) for t in targets if t.exists()]
+    if taken:  # refused before any work: no file of yours is overwritten
+        p.error(f"--out {args.out}: {', '.join(taken)} would be overwritten; choose another --out")
     from .files import load_tensors
     from .recipes import load_recipe
 
@@ -478,23 +484,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.kinds:
         rows = error_kinds(model.eval(), images, labels, args.batch_size, **quant)
         print(kinds_table(rows, len(images)))
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            plot_kinds(rows, Path(args.out).with_suffix(".png"), f"{args.model}: error by kind ({len(images)} images)")
-            print(f"wrote {Path(args.out).with_suffix('.png')}")
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            plot_kinds(rows, targets[0], f"{args.model}: error by kind ({len(images)} images)")
+            print(f"wrote {targets[0]}")
         return 0
     report = analyze(model.eval(), images, labels, args.batch_size, **quant)
     print(report.table(args.top))
     print("\nby kind (sum of KL):")
     for kind, d in sorted(report.by_kind().items(), key=lambda kv: -kv[1]["weight_kl"] - kv[1]["input_kl"]):
         print(f"  {kind:10s} {int(d['layers']):3d} layers  weight {d['weight_kl']:.4f}  input {d['input_kl']:.4f}")
-    if args.out:
-        out = Path(args.out)
+    if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        report.write_csv(out.with_suffix(".csv"))
-        out.with_suffix(".json").write_text(report.to_json())
-        report.plot(out.with_suffix(".png"))
-        print(f"wrote {out}.csv, .json, .png")
+        csv_path, json_path, png_path = targets
+        report.write_csv(csv_path)
+        json_path.write_text(report.to_json())
+        report.plot(png_path)
+        print(f"wrote {', '.join(map(str, targets))}")
     return 0
 
 

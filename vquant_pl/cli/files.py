@@ -22,7 +22,7 @@ def load_tensors(path: str | Path, what: str = "file"):
         UnsafeFile: the file holds other objects, which only a full unpickling could load.
 
     Example:
-        >>> data = load_tensors("runs/recipes/lite0_sample.pt", "--images")  # doctest: +SKIP
+        >>> data = load_tensors("runs/recipes/lite0_imagenet-sample.pt", "--images")  # doctest: +SKIP
     """
     path = Path(path)
     if not path.is_file():

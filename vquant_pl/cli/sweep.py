@@ -14,6 +14,8 @@ Under DDP (`--trainer.devices N`) every image is scored once and rank 0 alone pr
 writes; the row equals the single-process one. With `--onnx` each quantized run is also
 exported (`<run>/model.onnx`) and the file scored in onnxruntime on the same test images,
 every image once: its top-1/top-5 stand beside PyTorch's (`onnxruntime top-1`, `... top-5`).
+A reused `--out` keeps an earlier sweep's files: new run folders get free names, and the new
+table is numbered (`results_1.md`, `results_1.csv`, `accuracy_1.png`) when a table is there.
 """
 from __future__ import annotations
 
@@ -73,10 +75,12 @@ def _method(settings: dict) -> str:
     if settings["act_bits"] and settings["act_range"].startswith("aciq-") and settings.get("aciq_stats") == "bn":
         text += "(bn)"
     flags = {"equalize": "+eq", "weight_clip": "+clip", "bias_correction": "+bias-corr", "bit_allocation": "+bit-alloc",
-             "act_bit_allocation": "+act-bit-alloc"}
+             "act_bit_allocation": "+act-bit-alloc", "act_per_channel": "+act-per-channel"}
     text += "".join(tag for key, tag in flags.items() if settings.get(key))
     if settings.get("bn_bias_correction"):
         text += f"+bn-bias-corr({settings['bn_bias_correction']})"
+    if settings.get("mixed_precision"):  # not uniform: the bits are averages
+        text += f"+mixed({settings['mixed_precision']})"
     return text
 
 
@@ -271,10 +275,12 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
         (run_dir / "vquant_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         if available("layers.png"):
             save(layer_figure(report), run_dir / "layers.png")
-    paper = paper_top1(spec, wb, settings["act_bits"] if settings else None, settings["rounding"] if wb else "-")
+    mixed = settings.get("mixed_precision") if settings and wb is not None else None
+    paper = None if mixed else paper_top1(spec, wb, settings["act_bits"] if settings else None,
+                                          settings["rounding"] if wb else "-")  # the paper's rows are uniform
     ab = settings["act_bits"] if settings else None
     return row | {
-        "bits": "FP32" if wb is None else f"W{wb}A{ab if ab is not None else 'fp'}",
+        "bits": "FP32" if wb is None else f"W{wb}A{ab if ab is not None else 'fp'}" + (" (average)" if mixed else ""),
         "method": "float" if wb is None else _method(settings),
         # the paper's top-1 is against labels: a difference only for a row scored by them
         "paper_top1": paper,
@@ -315,18 +321,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], out: Path) -> list[Path]:
-    """(Re)write `results.md`, `results.csv` and, when a run succeeded, `accuracy.png`."""
+def table_paths(out: Path) -> tuple[Path, Path, Path]:
+    """This sweep's `results.md`, `results.csv` and `accuracy.png` in `out`, numbered alike
+    (`results_1.md`, `results_1.csv`, `accuracy_1.png`, ...) while any of them is taken, so an
+    earlier sweep's table is never overwritten."""
+    def paths(tag: str) -> tuple[Path, Path, Path]:
+        return out / f"results{tag}.md", out / f"results{tag}.csv", out / f"accuracy{tag}.png"
+
+    i = 0
+    while any(p.exists() for p in paths(f"_{i}" if i else "")):
+        i += 1
+    return paths(f"_{i}" if i else "")
+
+
+def write_results(rows: list[dict], paths: tuple[Path, Path, Path]) -> list[Path]:
+    """(Re)write this sweep's table (`table_paths`): the Markdown and CSV files and, when a
+    run succeeded, the figure."""
     from ..plots import available, save, sweep_figure
 
-    (out / "results.md").write_text(markdown(rows) + "\n")
-    with open(out / "results.csv", "w", newline="") as f:
+    md, table, figure = paths
+    md.write_text(markdown(rows) + "\n")
+    with open(table, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns(rows)[0], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    written = [out / "results.md", out / "results.csv"]
-    if any(r.get("status") == "ok" for r in rows) and available("accuracy.png"):
-        written.append(save(sweep_figure(rows), out / "accuracy.png"))
+    written = [md, table]
+    if any(r.get("status") == "ok" for r in rows) and available(figure.name):
+        written.append(save(sweep_figure(rows), figure))
     return written
 
 
@@ -416,13 +437,16 @@ def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool
             print(text, flush=True)
 
     def write(rows: list[dict]) -> list[Path]:
-        return write_results(rows, out) if zero else []
+        return write_results(rows, paths) if zero else []
 
     if zero:
         out.mkdir(parents=True, exist_ok=True)
     names = run_names(configs, out)  # only rank 0's names are used (it alone writes)
+    paths = table_paths(out)
+    if paths[0].name != "results.md":
+        say(f"{out} holds an earlier table, which stays; this sweep writes " + ", ".join(p.name for p in paths))
     rows: list[dict] = []
-    write(rows)  # an older table never stands as the current one
+    write(rows)  # this sweep's table exists from the start
     cache: dict = {}
     for i, (config, name) in enumerate(zip(configs, names), 1):
         say(f"[{i}/{len(configs)}] {name}: running ...")
@@ -431,7 +455,7 @@ def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool
             row = run_config(config, overrides, cache, out / name, against_float, onnx)
         except KeyboardInterrupt:
             write(rows)
-            say(f"interrupted; {len(rows)} finished run(s) are in {out / 'results.md'}")
+            say(f"interrupted; {len(rows)} finished run(s) are in {paths[0]}")
             raise
         except Exception as err:  # a failed run is a row with its reason
             row = _failed_row(config, err)

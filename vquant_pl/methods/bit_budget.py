@@ -84,7 +84,7 @@ def _input_moments(layer: nn.Module, stats: ChannelStats | None, samples: int = 
     """Per input channel (mean, variance) of the layer input; (0, 1) without statistics."""
     c = in_channels(layer)
     if stats is None or stats.mean.numel() != c:
-        return torch.zeros(c), torch.ones(c)
+        return torch.zeros(c, device=layer.weight.device), torch.ones(c, device=layer.weight.device)
     x = sample_stats(stats, samples, 0)
     return x.mean(1), x.var(1, unbiased=False)
 
@@ -94,7 +94,7 @@ def _per_pair(weight: Tensor, layer: nn.Module, per_channel: Tensor) -> Tensor:
     o, ipg = weight.shape[0], (weight.shape[1] if weight.dim() > 1 else 1)
     g = groups(layer)
     idx = (torch.arange(o) // (o // g)).view(-1, 1) * ipg + torch.arange(ipg).view(1, -1)
-    return per_channel.float()[idx]
+    return per_channel.float()[idx.to(per_channel.device)]
 
 
 def _signal(weight: Tensor, layer: nn.Module, mean: Tensor, var: Tensor) -> Tensor:
@@ -138,11 +138,19 @@ def output_gains(model: nn.Module, layers: list[tuple[str, nn.Module]], probe: T
     estimator: the gradient of `<outputs, v>` for a random sign vector `v` per sample has
     that second moment. The model is evaluated on `probe` (no dataset information: the
     run's seeded uniform noise); a layer called more than once per forward adds its calls.
-    Layers whose first positional input the outputs do not depend on are missing.
+    Layers whose first positional input the outputs do not depend on are missing. Half
+    precision models are measured on a float32 copy; the gains are on the CPU.
 
     Raises:
         ValueError: the model's forward returns something other than one tensor.
     """
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        import copy  # half precision underflows the squared gradients: measured on a float32 copy
+
+        names = [name for name, _ in layers]
+        model = copy.deepcopy(model).float()
+        layers = [(name, model.get_submodule(name)) for name in names]
+        probe = probe.float()
     grads: dict[str, Tensor] = {}
     inputs: list[tuple[str, nn.Module, Tensor]] = []
 
@@ -180,14 +188,27 @@ def output_gains(model: nn.Module, layers: list[tuple[str, nn.Module]], probe: T
             m.training = mode
         for h in handles:
             h.remove()
-    return {name: g / len(probe) for name, g in grads.items()}
+    return {name: (g / len(probe)).cpu() for name, g in grads.items()}
+
+
+def _warn(message: str) -> None:
+    """`warnings.warn` attributed to the first caller outside vquant_pl, torch and Lightning."""
+    import sys
+
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INSIDE:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+_INSIDE = ("vquant_pl", "torch", "lightning", "pytorch_lightning")
 
 
 def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
-                bits: tuple[int, ...] = CANDIDATE_BITS) -> list[int]:
+                bits: tuple[int, ...] = CANDIDATE_BITS, what: str = "budget") -> list[int]:
     """Bits per row of `nsr [L, len(bits)]` minimizing the NSR sum with `sum cost * bits <=
     target * sum cost`, each from `min_bits` up: a greedy on the NSR gain per budget bit,
-    then `exact_fill` to spend what is left exactly (a warning where it cannot).
+    then `exact_fill` to spend what is left exactly (a warning, naming `what`, where it cannot).
 
     Raises:
         ValueError: `min_bits` above `target`, or not a candidate.
@@ -217,9 +238,9 @@ def greedy_bits(nsr: Tensor, costs: list[int], target: int, min_bits: int,
     spent = sum(c * (bits[f] - bits[p]) for c, f, p in zip(costs, filled, pos))
     if spent != left:
         steps = f"{FILL_REACH} step{'s' * (FILL_REACH != 1)}"
-        warnings.warn(f"mixed precision: exact_fill found no moves of at most {steps} per layer that spend the last "
-                      f"{left} of {target * sum(costs)} budget bits exactly; the average is "
-                      f"{target - left / sum(costs):.5f}, not {target}", stacklevel=3)
+        _warn(f"mixed precision, {what}: exact_fill found no moves of at most {steps} per layer that spend the "
+              f"last {left} of {target * sum(costs)} budget bits exactly; the average is "
+              f"{target - left / sum(costs):.5f}, not {target}")
     return [bits[p] for p in filled]
 
 
@@ -318,17 +339,33 @@ def _fit_band(windows: list[tuple[int, int]], target: int) -> list[tuple[int, in
 
 
 def _input_elements(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Tensor) -> list[int]:
-    """Elements per sample of each layer's input, from one forward of `example` (zeros: shapes only)."""
+    """Elements per sample of each layer's first positional input (0: called by keyword only, or
+    never), from one forward of `example` (zeros: shapes only).
+
+    Raises:
+        ValueError: the forward fails on `example` (its shape named).
+    """
     sizes = [0] * len(layers)
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: sizes.__setitem__(i, a[0][:1].numel()))
-               for i, (_, layer) in enumerate(layers)]
-    training = model.training
+
+    def hook(i):
+        def record(module, args):
+            if args and isinstance(args[0], Tensor):
+                sizes[i] = args[0][:1].numel()
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, (_, layer) in enumerate(layers)]
+    modes = {m: m.training for m in model.modules()}  # each module's own mode back (frozen BatchNorms stay so)
     try:
         model.eval()
         with torch.no_grad():
             model(example)
+    except Exception as err:
+        raise ValueError(f"mixed_precision='all' counts each input's elements with one forward of shape "
+                         f"{tuple(example.shape)}, which failed (pass probe_shape= the input shape the model takes): "
+                         f"{err}") from err
     finally:
-        model.train(training)
+        for m, mode in modes.items():
+            m.training = mode
         for h in handles:
             h.remove()
     return sizes
@@ -336,7 +373,7 @@ def _input_elements(model: nn.Module, layers: list[tuple[str, nn.Module]], examp
 
 @torch.no_grad()
 def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict, weight_bits: int,
-             act_bits: list[int | None], act_target: int | None, range_fn, example: Tensor,
+             act_bits: list[int | None], act_target: int | None, range_fn, example: Tensor | None,
              min_bits: int = 3, rounding: str = "squant", backend: str | None = None,
              probe: Tensor | None = None) -> Allocation:
     """Per-layer weight and input bits on the budgets `weight_bits` and `act_target`.
@@ -352,12 +389,17 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
         act_target: the inputs' average bits (weighted by elements per image); None: no
             activation allocation.
         range_fn: `(stats, bits, layer) -> (lo, hi, signed)`: the run's range rule.
-        example: an input batch for the shape-only forward (zeros are enough).
+        example: with `act_target`, an input batch for the shape-only forward that counts the
+            inputs' elements (zeros are enough).
         min_bits: the fewest bits a layer gets.
         probe: the inputs on which `output_gains` evaluates the model (needed with `act_target`).
 
     Returns:
-        An `Allocation`.
+        An `Allocation` (`elements` empty without `act_target`).
+
+    Raises:
+        ValueError: with `act_target`, no layer input can be allocated (none has BatchNorm
+            statistics over its own channels), or the shape-only forward fails.
 
     Example:
         >>> from vquant_pl.layers import quantizable_layers
@@ -371,34 +413,39 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
         (True, [None, 4, 8])
     """
     params = [int(layer.weight.numel()) for _, layer in layers]
-    elements = _input_elements(model, layers, example)
+    elements = _input_elements(model, layers, example) if act_target is not None else []
     good = lambda name: not isinstance(stats.get(name), (str, type(None)))  # noqa: E731
     keys = [storage_key(layer.weight) for _, layer in layers]
     own = [i for i, k in enumerate(keys) if keys.index(k) == i]  # a weight tied to several layers counts once
     nsr = [weight_nsr(layer, stats[name] if good(name) else None, rounding=rounding, backend=backend)
            for name, layer in layers]
     w_nsr = torch.stack([sum(nsr[j] for j, k in enumerate(keys) if k == keys[i]) for i in own])  # over the ties
-    w_own = greedy_bits(w_nsr, [params[i] for i in own], weight_bits, min(min_bits, weight_bits))
+    w_own = greedy_bits(w_nsr, [params[i] for i in own], weight_bits, min_bits, what="weights")
     w_out = [w_own[own.index(keys.index(k))] for k in keys]  # the tied layers: their owner's bits
     a_out = list(act_bits)
     a_avg, a_budget = None, 0
     if act_target is not None:
         if probe is None:
             raise ValueError("allocating input bits needs the probe on which the output gains are measured")
-        free = [i for i, (name, _) in enumerate(layers) if act_bits[i] == act_target and good(name)]
-        gains = output_gains(model, [layers[i] for i in free], probe) if free else {}
+        free = [i for i, (name, layer) in enumerate(layers) if act_bits[i] == act_target and good(name)
+                and stats[name].mean.numel() == in_channels(layer)]
+        if not free:
+            raise ValueError(f"mixed_precision='all': no layer input can take part in the input budget (the first "
+                             f"layer's input stays float and the last one's is 8 bits; of the others, none at "
+                             f"{act_target} bits has BatchNorm statistics over its own channels, as a Linear after a "
+                             "Flatten has not); use mixed_precision='weights'")
+        gains = output_gains(model, [layers[i] for i in free if elements[i] > 0], probe)
         lost = [layers[i][0] for i in free if layers[i][0] not in gains]
         if lost:
-            warnings.warn(f"mixed_precision='all': the outputs on the probe do not depend on the first positional "
-                          f"input of {', '.join(lost)} (called with keyword arguments, or never called): "
-                          f"{'it keeps' if len(lost) == 1 else 'they keep'} {act_target} bits, outside the budget",
-                          stacklevel=3)
+            _warn(f"mixed_precision='all': the outputs on the probe do not depend on the first positional input of "
+                  f"{', '.join(lost)} (called with keyword arguments, or never called): "
+                  f"{'it keeps' if len(lost) == 1 else 'they keep'} {act_target} bits, outside the budget")
         free = [i for i in free if layers[i][0] in gains]
         if free:
             cost = torch.stack([input_noise(stats[layers[i][0]],
                                             lambda b, i=i: range_fn(stats[layers[i][0]], b, layers[i][1]))
-                                .double() @ gains[layers[i][0]].double() for i in free])
-            chosen = greedy_bits(cost, [elements[i] for i in free], act_target, min(min_bits, act_target))
+                                .double().cpu() @ gains[layers[i][0]].double().cpu() for i in free])
+            chosen = greedy_bits(cost, [elements[i] for i in free], act_target, min_bits, what="inputs")
             for i, b in zip(free, chosen):
                 a_out[i] = b
             a_budget = sum(elements[i] for i in free)

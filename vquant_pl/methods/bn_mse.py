@@ -22,8 +22,10 @@ __all__ = ["bn_mse_method_range", "bn_mse_range", "consumer_weight", "expected_e
 
 
 def sample_stats(s: ChannelStats, samples: int, seed: int) -> Tensor:
+    """`[C, samples]` draws of each channel's normal, clamped to `[lo, hi]`: the same numbers
+    on every device (drawn on the CPU), on the statistics' device."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(s.mean.numel(), samples, generator=g)
+    z = torch.randn(s.mean.numel(), samples, generator=g).to(s.mean.device)
     x = s.mean.float().view(-1, 1) + s.std.float().view(-1, 1) * z
     return x.clamp(min=s.lo, max=s.hi)
 
