@@ -55,7 +55,8 @@ def test_callback_takes_every_setting_in_order_with_the_same_default_type_and_he
 def test_every_setting_reaches_the_callbacks_run_and_quantize_model(settings):
     cb = vq.VQuantCallback(**settings)
     assert cb.config == QuantConfig(**settings)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
     batches = [torch.rand(2, 3, 8, 8)] * 4 if METHODS[settings["act_range"]].calibrated else None
     report = vq.quantize_model(net, **settings, calibration=batches)
     assert report.config == QuantConfig(**settings)

@@ -59,7 +59,7 @@ from torch.nn.utils import parametrize, prune
 from .methods.aciq import weight_channel_bits
 from .nvidia.quant_modules import TensorQuantizer
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer, affine_scale, dequantize
-from .quantize import _weight_source, apply_transforms
+from .quantize import weight_source, apply_transforms
 from .state import input_quantizer, iter_states, originals, restore_all, storage_key
 
 OPSET = 21
@@ -246,7 +246,7 @@ def _weights_before_rounding(model: nn.Module, states: list) -> dict[str, Tensor
             saved.setdefault(storage_key(getattr(module, key)), value)
     out = {}
     for name, layer, _ in states:
-        if _weight_source(name, layer) == "weight":
+        if weight_source(name, layer) == "weight":
             value = saved.get(storage_key(layer.weight))
         else:  # pruned: quantize_model rounded `weight` (weight_orig * mask) and saved it on the layer
             if "weight_orig" not in originals(layer):
@@ -396,7 +396,7 @@ def _prepare_vquant(twin: nn.Module, original: nn.Module, keys: Iterator[str], f
     rows, done = [], {}
     for name, layer, state in states:
         copy_layer = twin.get_submodule(name)
-        source = _weight_source(name, layer)
+        source = weight_source(name, layer)
         if source != "weight":  # pruned: the copy's weight becomes what the forward computes, weight_orig * mask
             prune.remove(copy_layer, "weight")
         tied = storage_key(getattr(layer, source))  # a tied weight (one storage) was quantized once

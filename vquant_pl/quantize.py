@@ -80,7 +80,7 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, layer in layers:
         if isinstance(layer.weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"layer {name!r} is lazy and not initialized yet; run one forward first")
-        _weight_source(name, layer)  # refuses a weight recomputed on access that cannot be quantized
+        weight_source(name, layer)  # refuses a weight recomputed on access that cannot be quantized
         check_weight(layer.weight, f"weight of layer {name!r}")
         bias = getattr(layer, "bias", None)
         if isinstance(bias, Tensor) and not bool(torch.isfinite(bias).all()):
@@ -95,7 +95,7 @@ def _check_model(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _weight_source(name: str, layer: nn.Module) -> str:
+def weight_source(name: str, layer: nn.Module) -> str:
     """The attribute the forward really reads the weight from: `weight`, or `weight_orig` for a
     `torch.nn.utils.prune`d layer (its pre-hook recomputes `weight = weight_orig * mask`).
     A weight recomputed by a parametrization, `weight_norm` or `spectral_norm` is refused:
@@ -123,7 +123,7 @@ def _refuse_pruned_ties(layers: list[tuple[str, nn.Module]]) -> None:
     them only, so one quantized tensor cannot serve both."""
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for name, layer in layers:
-        source = _weight_source(name, layer)
+        source = weight_source(name, layer)
         groups.setdefault(storage_key(getattr(layer, source)), []).append((name, source))
     for group in groups.values():
         pruned = [name for name, source in group if source != "weight"]
@@ -354,7 +354,7 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
     start = time.perf_counter()
     for i, (name, layer) in enumerate(_progress(plan.layers, "vquant: quantizing weights", progress)):
         t0 = time.perf_counter()
-        source = _weight_source(name, layer)
+        source = weight_source(name, layer)
         weight = getattr(layer, source)
         bits = config.weight_bits if plan.weight_bits is None else plan.weight_bits[i]
         row = LayerReport(name, type(layer).__name__, tuple(layer.weight.shape), bits, None, None,
@@ -443,7 +443,7 @@ def _check_written(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
                                f"of shape {tuple(one.shape)} checks that they still read the quantized weights; "
                                f"it failed (pass probe= an input that fits): {err}") from err
     for name, layer in plan.layers:
-        if getattr(layer, _weight_source(name, layer)) is not plan.written.get(name):
+        if getattr(layer, weight_source(name, layer)) is not plan.written.get(name):
             raise RuntimeError(f"layer {name!r}: its weight was replaced during the forward (a hook recomputes it), "
                                "so the layer would not run quantized; remove that hook first")
 
