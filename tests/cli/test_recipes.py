@@ -213,3 +213,19 @@ def test_recipe_table_counts_every_image_of_every_folder(tmp_path, capsys, monke
     with pytest.raises(SystemExit):
         recipes.main(["--data", str(extra), str(tmp_path / "x" / "noise")])
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_cache_others_can_write_is_not_used(tmp_path, capsys):
+    import os
+
+    from vquant_pl.cli import recipes
+
+    folder = _labelled_folder(tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    images, _ = recipes.sample_tensors("lite0", folder, cache_dir=cache)
+    planted = recipes.cache_file("lite0", folder, cache)
+    data = torch.load(planted)
+    torch.save(data | {"images": torch.zeros_like(data["images"])}, planted)  # right key, other images
+    os.chmod(planted, 0o666)
+    again, _ = recipes.sample_tensors("lite0", folder, cache_dir=cache)
+    assert torch.equal(again, images) and "not using the cache" in capsys.readouterr().out

@@ -113,7 +113,8 @@ def sample_tensors(model_name: str, folder: str | Path = DEFAULT_DATA[0], cache_
     The tensors are cached as `cache_file(model_name, folder, cache_dir)`, a dict of `images`,
     `labels` and `key`: a digest of the model name, its preprocessing and every file's name,
     size, modification time and label. A cache whose key differs (other files, another
-    transform) is rebuilt; cached files are read with `weights_only=True`.
+    transform) is rebuilt; cached files are read with `weights_only=True`, and not at all
+    where others can write the cache or its folder (the images are then read every time).
 
     Raises:
         FileNotFoundError: no such folder.
@@ -126,6 +127,7 @@ def sample_tensors(model_name: str, folder: str | Path = DEFAULT_DATA[0], cache_
     from vquant_pl.datamodules.imagenet import open_image, scan
 
     from ..models import create_model
+    from ..ops.build import untrusted
 
     folder = data_folder(folder)
     samples = scan(folder)
@@ -133,7 +135,10 @@ def sample_tensors(model_name: str, folder: str | Path = DEFAULT_DATA[0], cache_
     files = [(str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns, label) for f, label in samples]
     key = hashlib.sha256(json.dumps([model_name, prep.to_dict(), files], default=str).encode()).hexdigest()
     path = cache_file(model_name, folder, cache_dir)
-    if path.is_file():
+    why = next(filter(None, (untrusted(p) for p in (path.parent, path) if p.exists())), None)
+    if why:  # anyone who can write the cache could hand this run other images
+        print(f"not using the cache {path}: {why}", flush=True)
+    elif path.is_file():
         data = load_tensors(path, "cached sample")
         if isinstance(data, dict) and data.get("key") == key:
             return data["images"], data["labels"]
@@ -144,6 +149,8 @@ def sample_tensors(model_name: str, folder: str | Path = DEFAULT_DATA[0], cache_
         with open_image(f) as img:
             images.append(transform(img.convert("RGB")))
     labels = torch.tensor([label for _, label in samples])
+    if why:
+        return torch.stack(images), labels
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     torch.save({"images": torch.stack(images), "labels": labels, "key": key}, part)
