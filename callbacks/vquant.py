@@ -52,10 +52,8 @@ class VQuantCallback(pl.Callback):
         target: dotted name of the submodule to quantize; None quantizes the whole LightningModule.
         stages: the stages that run quantized: any of test, validate, predict.
         keep_quantized: leave the model quantized after the stage.
-        export: write the evaluated quantized model there as ONNX QDQ (`vquant_pl.export_onnx`),
-            on rank 0, from the first batch of the first stage, once per callback (see
-            `_ExportOnFirstBatch` for which module; a file there before is an error, raised
-            before quantizing; needs the `export` extra; not with `weight_bits=None`).
+        export: write the evaluated model there as ONNX QDQ (`vquant_pl.export_onnx`), once, on
+            rank 0, after the first batch (an existing file is an error; needs the `export` extra).
         verbose: print the per-layer table on rank 0.
 
     Raises:
@@ -259,13 +257,25 @@ class VQuantCallback(pl.Callback):
         hook, self._export_hook = self._export_hook, None
         if hook is None:
             return
-        name, module, example = hook.finish()
-        self._exported = True
+        candidates = hook.finish()
         if not trainer.is_global_zero:
+            self._exported = True
             return
         from vquant_pl.export import export_onnx
 
-        report = export_onnx(module, self.export, example[:2].detach().float())
+        name, module, example = candidates[0]
+        try:
+            report = export_onnx(module, self.export, example[:2].detach().float())
+        except Exception as err:
+            if module is not hook.pl_module or len(candidates) < 2:
+                raise
+            inner = candidates[1]  # the LightningModule's own forward could not be exported (it reads the trainer, ...)
+            rank_zero_warn(f"vquant: exporting the LightningModule failed ({type(err).__name__}: {str(err)[:160]}); "
+                           f"exporting its submodule {inner[0]!r} instead, without what the LightningModule's "
+                           "forward does around it (pass target= to choose the module)")
+            name, module, example = inner
+            report = export_onnx(module, self.export, example[:2].detach().float())
+        self._exported = True
         self.export_report = report
         rank_zero_info(f"vquant: exported {name or 'the LightningModule'} ({type(module).__name__}) to "
                        f"{self.export} (onnxruntime vs PyTorch on the first batch: largest output difference "
@@ -371,21 +381,22 @@ class _ExportOnFirstBatch:
             handle.remove()
         self.handles = []
 
-    def finish(self) -> tuple[str, nn.Module, Tensor]:
-        """(dotted name, module, first input) to export; RuntimeError when none ran."""
+    def finish(self) -> list[tuple[str, nn.Module, Tensor]]:
+        """(dotted name, module, first input) of the modules that can be exported, outermost
+        first; RuntimeError when none ran with a tensor in and one tensor out."""
         self.remove()
-        ran = [(name, module, *self.seen[n]) for n, (name, module) in enumerate(self.chain) if n in self.seen]
+        ran = [(name, module, *self.seen[n]) for n, (name, module) in enumerate(self.chain)
+               if n in self.seen and isinstance(self.seen[n][1], Tensor)]  # ONNX needs one tensor out
         self.seen = {}
         if not ran:
             tried = ", ".join(f"{name or 'the LightningModule'} ({type(m).__name__})" for name, m in self.chain)
             raise RuntimeError(f"VQuantCallback(export=...): none of the modules holding the quantized layers ran "
-                               f"with a tensor input in the first batch (tried {tried}), so there is nothing to "
-                               "export; pass target= the dotted name of the submodule your step calls with the "
-                               "input tensor")
+                               f"with a tensor input and a tensor output in the first batch (tried {tried}), so "
+                               "there is nothing to export; pass target= the dotted name of the submodule your "
+                               "step calls with the input tensor")
         if ran[0][1] is self.pl_module and len(ran) > 1 and _same(ran[0][2:], ran[1][2:]):
             ran = ran[1:]  # a pass-through LightningModule: its network computes the same
-        name, module, example, _ = ran[0]
-        return name, module, example
+        return [(name, module, example) for name, module, example, _ in ran]
 
 
 def _same(a: tuple, b: tuple) -> bool:

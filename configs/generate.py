@@ -57,7 +57,9 @@ def main() -> None:
             if model == "shufflenet_g1_w1" and bits == 4:
                 continue  # the paper has no W4A4 row for ShuffleNet
             write(HERE / "paper" / f"{model}_w{bits}a{bits}.yaml", f"{title}, SQuant W{bits}A{bits} (paper table)",
-                  model, f"  weight_bits: {bits}\n  act_bits: {bits}\n  rounding: squant\n  sigma: {SIGMA[bits]}\n{PAPER}")
+                  model, f"  weight_bits: {bits}\n  act_bits: {bits}\n  rounding: squant\n"
+                  f"  # sigma: {SIGMA[bits]}, the paper's, is the default at {bits} bits (not pinned: a run that\n"
+                  f"  # overrides act_range or act_bits would otherwise hold a setting it ignores)\n{PAPER}")
     for bits in (3, 4):
         for rounding in ("squant-e", "squant-k", "squant-c", "squant"):
             write(HERE / "ablation" / f"resnet18_{rounding}_w{bits}.yaml",

@@ -1,5 +1,7 @@
 """VQuantCallback: checkpoint semantics, keep_quantized, fit, precision plugins."""
 
+import warnings
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -253,6 +255,38 @@ def test_export_writes_the_evaluated_model(tmp_path, net, scale, names):
     assert [layer.name for layer in callback.export_report.layers] == names
     assert callback.export_report.max_abs_diff < 1e-4
     assert _onnx_vs_module(path, module) < 1e-4  # the file computes what was evaluated
+
+
+class DictOut(ExportModule):
+    """forward returns a dict (ONNX needs one tensor out)."""
+
+    def forward(self, x):
+        return {"logits": self.net(x) * 2.0}
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/mean", self(batch[0])["logits"].mean())
+
+
+class ReadsTrainer(ExportModule):
+    """forward reads self.trainer, which the export's copy has not."""
+
+    def forward(self, x):
+        return self.net(x) * (2.0 if self.trainer.testing else 1.0)
+
+
+@pytest.mark.parametrize("module_class, warns", [(DictOut, False), (ReadsTrainer, True)])
+def test_a_lightning_module_that_cannot_be_exported_gives_way_to_its_network(tmp_path, module_class, warns):
+    """A LightningModule returning a dict, or reading the trainer, made the test fail at the
+    first batch; the old callback exported its network."""
+    _needs_onnx()
+    module, path = module_class(_sequential()), tmp_path / "m.onnx"
+    callback = vq.VQuantCallback(8, 8, act_range="sigma", probe_shape=PROBE, export=str(path), verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, callback).test(module, verbose=False)
+    assert [layer.name for layer in callback.export_report.layers] == ["0", "3", "7"] and path.exists()
+    said = [str(w.message) for w in caught if "exporting the LightningModule failed" in str(w.message)]
+    assert bool(said) == warns and (not warns or "exporting its submodule 'net' instead" in said[0])
 
 
 def test_export_that_cannot_find_a_module_to_export_fails_after_the_first_batch(tmp_path):

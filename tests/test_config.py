@@ -169,9 +169,9 @@ def test_mixed_precision_settings_that_cannot_hold():
     budget made the reported averages differ from the applied ones (3.9778 vs 3.9701)."""
     with pytest.raises(ValueError, match="mixed_min_bits=6 is above weight_bits=4"):
         QuantConfig(mixed_precision="weights", mixed_min_bits=6)
-    with pytest.raises(ValueError, match="mixed_min_bits=3 is above act_bits=2"):
-        QuantConfig(weight_bits=8, act_bits=2, mixed_precision="all")
-    QuantConfig(weight_bits=8, act_bits=2, mixed_precision="weights")  # the input bits are not allocated
+    with pytest.raises(ValueError, match="mixed_min_bits=4 is above act_bits=2"):
+        QuantConfig(weight_bits=8, act_bits=2, mixed_precision="all", mixed_min_bits=4)
+    QuantConfig(weight_bits=2, act_bits=2, mixed_precision="all")  # the default 3 gives way to the average
     with pytest.raises(ValueError, match="needs bit_allocation_rule='exact'"):
         QuantConfig(mixed_precision="weights", bit_allocation=True)
     QuantConfig(mixed_precision="weights", bit_allocation=True, bit_allocation_rule="exact")

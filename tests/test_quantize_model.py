@@ -706,3 +706,31 @@ def test_a_weight_recomputed_by_a_pre_hook_is_refused_without_a_probe_pass():
     ok = _bn_chain()
     ok[3].register_forward_pre_hook(lambda m, a: None)  # a harmless hook: checked, and quantized
     assert vq.quantize_model(ok, 4, 4).num_layers == 3
+
+
+@pytest.mark.parametrize("act_range", ["sigma", "bn"])
+def test_the_probe_and_check_passes_keep_each_modules_train_flag(act_range):
+    """The passes set the whole model back to its own mode: a frozen BatchNorm inside a
+    training model came back in training mode."""
+    net = _bn_chain().train()
+    net[1].eval()
+    net[3].register_forward_pre_hook(lambda m, a: None)  # a hook of the user's: the check pass runs under bn
+    before = [m.training for m in net.modules()]
+    vq.quantize_model(net, 4, 4, act_range=act_range, probe_shape=(4, 3, 16, 16))
+    assert [m.training for m in net.modules()] == before
+
+
+def test_a_check_pass_that_cannot_run_is_a_warning():
+    """A model of token ids has no float probe that fits: the check warns instead of refusing."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc1, self.fc2 = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc2(torch.relu(self.fc1(self.embed(ids).mean(1))))
+
+    net = Tokens()
+    net.fc1.register_forward_pre_hook(lambda m, a: None)
+    with pytest.warns(UserWarning, match=r"so this is unchecked"):
+        assert vq.quantize_model(net, 4, None, probe_shape=(2, 5)).num_layers == 2

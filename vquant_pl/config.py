@@ -101,7 +101,7 @@ class QuantConfig:
             from the noise each input adds to the outputs, averaging exactly ``act_bits`` by
             elements per image; needs BatchNorm ranges), or None (uniform; the default). Exactly
             unless a warning says the budget could not be spent; ``report.bit_budget`` has the averages.
-        mixed_min_bits: the fewest bits one layer gets under ``mixed_precision`` (2..8).
+        mixed_min_bits: the fewest bits of a layer under ``mixed_precision`` (2..8; 3 yields to a lower average).
 
     Raises:
         ValueError: naming the first setting that is out of range or inconsistent.
@@ -180,8 +180,8 @@ class QuantConfig:
             _choice(self.mixed_precision, "mixed_precision", MixedPrecision)
             widths = [("weight_bits", self.weight_bits)] + ([("act_bits", self.act_bits)]
                                                              if self.mixed_precision == "all" and self.act_bits else [])
-            for name, bits in widths:
-                if self.mixed_min_bits > bits:
+            for name, bits in widths:  # the default (3) gives way to a lower average; a value given does not
+                if self.mixed_min_bits > bits and self.mixed_min_bits != _DEFAULTS["mixed_min_bits"]:
                     raise ValueError(f"mixed_min_bits={self.mixed_min_bits} is above {name}={bits}: no layer could "
                                      f"get fewer bits than the average; set mixed_min_bits to at most {bits}")
             if (self.bit_allocation or self.act_bit_allocation) and self.bit_allocation_rule == "aciq":
@@ -232,7 +232,8 @@ class QuantConfig:
             if not read and value != _DEFAULTS[name]:
                 raise ValueError(f"{name}={value!r} would be ignored: only {reader} reads it (got "
                                  f"act_bits={self.act_bits!r}, act_range={self.act_range!r}, equalize={self.equalize!r}, "
-                                 f"mixed_precision={self.mixed_precision!r}); drop it or set what reads it")
+                                 f"mixed_precision={self.mixed_precision!r}); drop it (on the command line "
+                                 f"--quant.{name} {_cli(_DEFAULTS[name])}) or set what reads it")
 
     def without_equalize(self) -> "QuantConfig":
         """The same settings without `equalize` (its `equalize_alpha` / `equalize_k` at their defaults)."""
@@ -318,3 +319,8 @@ _CALIBRATED = ("max", "percentile", "mse", "entropy")
 #: The settings only quantized activations read.
 _ACTIVATION_ONLY = ("sigma", "bn_k", "aciq_stats", "percentile", "calib_batches", "act_per_channel",
                     "act_bit_allocation", "aciq_cap")
+
+
+def _cli(value: Any) -> str:
+    """A default as the command line writes it."""
+    return "null" if value is None else str(value)

@@ -44,7 +44,7 @@ def test_every_config_loads_and_resolves(config):
         bits = int(text.split("weight_bits: ")[1].split()[0])
         assert cb.settings["weight_bits"] == bits
     if "paper/" in config.as_posix() and "fp32" not in config.name:
-        assert cb.settings["act_bits"] == bits and cb.settings["sigma"] == {4: 12, 6: 14, 8: 25}[bits]
+        assert cb.settings["act_bits"] == bits and cb.config.resolved_sigma == {4: 12, 6: 14, 8: 25}[bits]
     size = 299 if "inceptionv3" in config.name else 224
     assert cli.datamodule.preprocessing.input_size == (size, size)
     assert isinstance(cli.model, vq.ImageClassifier) and len(vq.quantizable_layers(cli.model.model)) > 0

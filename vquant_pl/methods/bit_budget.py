@@ -420,7 +420,8 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
     nsr = [weight_nsr(layer, stats[name] if good(name) else None, rounding=rounding, backend=backend)
            for name, layer in layers]
     w_nsr = torch.stack([sum(nsr[j] for j, k in enumerate(keys) if k == keys[i]) for i in own])  # over the ties
-    w_own = greedy_bits(w_nsr, [params[i] for i in own], weight_bits, min_bits, what="weights")
+    w_own = greedy_bits(w_nsr, [params[i] for i in own], weight_bits, min(min_bits, weight_bits),
+                        what="weights")
     w_out = [w_own[own.index(keys.index(k))] for k in keys]  # the tied layers: their owner's bits
     a_out = list(act_bits)
     a_avg, a_budget = None, 0
@@ -445,7 +446,8 @@ def allocate(model: nn.Module, layers: list[tuple[str, nn.Module]], stats: dict,
             cost = torch.stack([input_noise(stats[layers[i][0]],
                                             lambda b, i=i: range_fn(stats[layers[i][0]], b, layers[i][1]))
                                 .double().cpu() @ gains[layers[i][0]].double().cpu() for i in free])
-            chosen = greedy_bits(cost, [elements[i] for i in free], act_target, min_bits, what="inputs")
+            chosen = greedy_bits(cost, [elements[i] for i in free], act_target, min(min_bits, act_target),
+                                 what="inputs")
             for i, b in zip(free, chosen):
                 a_out[i] = b
             a_budget = sum(elements[i] for i in free)
