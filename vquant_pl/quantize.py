@@ -206,21 +206,15 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
     """`mixed_precision`: per-layer weight (and input) bits on the uniform budget (`methods.bit_budget`)."""
     from .methods.bit_budget import GAIN_PROBES, allocate
     from .methods.bn_graph import bn_stats
-    from .probe import default_probe_shape
 
     config, method, first = plan.config, plan.method, plan.layers[0][1]
     stats = bn_stats(model, [name for name, _ in plan.layers])
     example = gain_probe = None
     if config.mixed_precision == "all":  # input bits: element counts and output gains on the run's probe
-        if isinstance(probe, Tensor):  # the inputs' element counts at the size the model will be run at
-            shape = probe.shape
-        else:
-            shape = (probe.shape if isinstance(probe, Probe) else None) or config.probe_shape or \
-                default_probe_shape(model, first)
+        shape = _probe_shape(model, plan, probe)  # the inputs' element counts at the size the model runs at
         example = torch.zeros((1, *shape[1:]), device=first.weight.device, dtype=first.weight.dtype)  # shapes only
         given = probe if probe is not None else Probe(config.probe_seed, config.probe_shape)
         if isinstance(given, Probe):  # the first samples of the run's probe (a seeded draw's prefix)
-            shape = given.shape or default_probe_shape(model, first)
             given = Probe(given.seed, (min(GAIN_PROBES, shape[0]), *shape[1:]))
             info = {"seed": given.seed, "shape": list(given.shape)}
         else:
@@ -419,6 +413,15 @@ def _refuse_partial_overlap(name: str, weight: Tensor, plan: _Plan) -> None:
                              "quantizing one changes the other; give each layer its own weight (clone it)")
 
 
+def _probe_shape(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> tuple[int, ...]:
+    """The shape of the run's probe: a given tensor's or Probe's, `probe_shape`, else the
+    model's default (`default_probe_shape`, which raises where it cannot tell)."""
+    if isinstance(probe, Tensor):
+        return tuple(probe.shape)
+    shape = (probe.shape if isinstance(probe, Probe) else None) or plan.config.probe_shape
+    return tuple(shape or default_probe_shape(model, plan.layers[0][1]))
+
+
 def _check_written(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> None:
     """Every layer's forward still reads the weight this run wrote: checked after the probe
     pass, or, where none ran (BatchNorm ranges, float inputs) and a layer carries a forward
@@ -430,17 +433,14 @@ def _check_written(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
                if not isinstance(hook, (InputQuantizer, BasePruningMethod))]
     if plan.passes == 0 and foreign:
         first = plan.layers[0][1]
-        if isinstance(probe, Tensor):
-            one = probe[:1]
-        else:
-            probe = probe or Probe(plan.config.probe_seed, plan.config.probe_shape)
-            try:
-                shape = tuple(probe.shape or default_probe_shape(model, first))
-            except ValueError as err:  # no shape to draw a sample of
-                warnings.warn(f"layer(s) {foreign[:3]} carry forward pre-hooks of their own, which could recompute "
-                              f"their weights; unchecked: {err}", stacklevel=3)
-                return
-            one = Probe(probe.seed, (1, *shape[1:])).tensor((1, *shape[1:]))
+        try:
+            shape = _probe_shape(model, plan, probe)
+        except ValueError as err:  # no shape to draw a sample of
+            warnings.warn(f"layer(s) {foreign[:3]} carry forward pre-hooks of their own, which could recompute "
+                          f"their weights; unchecked: {err}", stacklevel=3)
+            return
+        seed = probe.seed if isinstance(probe, Probe) else plan.config.probe_seed
+        one = probe[:1] if isinstance(probe, Tensor) else Probe(seed, (1, *shape[1:])).tensor((1, *shape[1:]))
         try:
             _run(model, one.to(first.weight.device, first.weight.dtype))
         except Exception as err:  # e.g. a model of token ids, which no float probe fits
@@ -677,8 +677,7 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
     config = _merge_config(call.get("config"), {k: v for k, v in call.items() if k in _SETTINGS})
     probe, calibration, progress = call.get("probe"), call.get("calibration"), call.get("progress")
     _refuse_ignored(config, call)
-    model = _uncompiled(model)
-    _drop_compiled_code()
+    model = _uncompiled(model)  # its passes run eagerly; compiled code is reset once the hooks are in place
     with torch.inference_mode(False), torch.no_grad(), run_scope():
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
