@@ -5,6 +5,7 @@ import csv
 import functools
 import importlib
 import logging
+import os
 import re
 import warnings
 from dataclasses import replace
@@ -20,6 +21,7 @@ from vquant_pl.models import CropMode, Interpolation, Preprocessing, describe, p
 log = logging.getLogger("vquant_pl")
 SYNSET = re.compile(r"^n\d{8}$")
 SYNSET_PREFIX = re.compile(r"^(n\d{8})_")
+OFFICIAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})$")  # the official validation file names
 
 
 def imagenet_synsets() -> list[str]:
@@ -85,13 +87,64 @@ def open_image(path: Path):
     return Image.open(path, formats=[fmt for fmt in RASTER_FORMATS if fmt in Image.OPEN])
 
 
-def _images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
-    """The image files of `folder`, sorted; other visible files are added to `ignored`."""
+def to_rgb(img):
+    """`img` as 8-bit RGB. Integer samples wider than 8 bits are scaled by their depth, as
+    torchvision's `to_dtype(..., scale=True)` does (a bit shift): 16 bits for mode I;16 and
+    for mode I from PNG/PPM (16-bit files Pillow reads as I), 31 for other mode I (32-bit
+    signed, negatives as 0). `img.convert("RGB")` alone clips them at 255: almost white."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        import numpy as np
+        from PIL import Image
+
+        bits = 16 if img.mode != "I" or img.format in ("PNG", "PPM") else 31
+        pixels = np.maximum(np.asarray(img), 0) >> (bits - 8)
+        img = Image.fromarray(pixels.astype(np.uint8))
+    return img.convert("RGB")
+
+
+def _images(folder: Path, left_out: dict[str, list[Path]] | None = None, class_folder: bool = False) -> list[Path]:
+    """The image files of `folder`, sorted. The other visible entries are added to `left_out`
+    by kind: `files` (not raster images), `broken` (broken links, special files) and, in a
+    class folder, `subfolders` (not read: images sit directly in `<synset>/`)."""
     suffixes = image_suffixes()
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    if ignored is not None:
-        ignored += [p for p in files if p.suffix.lower() not in suffixes]
-    return sorted(p for p in files if p.suffix.lower() in suffixes)
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if left_out is not None:
+        left_out["files"] += [p for p in entries if p.is_file() and p.suffix.lower() not in suffixes]
+        left_out["broken"] += [p for p in entries if not p.is_file() and not p.is_dir()]
+        left_out["subfolders"] += [p for p in entries if class_folder and p.is_dir()]
+    return [p for p in entries if p.is_file() and p.suffix.lower() in suffixes]
+
+
+def _count_images(folder: Path) -> int:
+    """Visible image files anywhere under `folder`."""
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in image_suffixes() and p.is_file()
+               and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _left_out_warning(folder: Path, left_out: dict[str, list[Path]]) -> str | None:
+    """The warning that counts and names, by kind, the entries `scan` left out."""
+    def names(paths, show=lambda p: str(p.relative_to(folder))):
+        return ", ".join(show(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+
+    def link(p):
+        return f"{p.relative_to(folder)}{f' -> {os.readlink(p)}' if p.is_symlink() else ''}"
+
+    files, subfolders, broken = left_out["files"], left_out["subfolders"], left_out["broken"]
+    parts = []
+    if files:
+        suffixes = sorted({p.suffix.lower() or "(none)" for p in files})
+        parts.append(f"{len(files)} file(s) that are not raster images ({names(files)}; "
+                     f"suffixes {', '.join(suffixes)})")
+    if subfolders:
+        counts = {p: _count_images(p) for p in subfolders}
+        parts.append(f"{len(subfolders)} subfolder(s) of class folders holding {sum(counts.values())} image(s), not "
+                     f"read ({names(subfolders, lambda p: f'{p.relative_to(folder)}/ holds {counts[p]}')}; "
+                     "images must sit directly in <synset>/)")
+    if broken:
+        parts.append(f"{len(broken)} broken link(s) or special file(s) ({names(broken, link)})")
+    if not parts:
+        return None
+    return f"{folder}: left out {'; '.join(parts)}; images are {', '.join(sorted(image_suffixes()))}"
 
 
 def read_synsets_file(path: Path) -> list[str]:
@@ -160,15 +213,19 @@ def read_labels_file(path: Path, files: list[Path], classes: dict[str, int],
     - `.csv`: `filename,label` rows (header allowed), label a synset or class index; the
       first token of the second column counts (Kaggle's `LOC_val_solution.csv` works);
     - text, `filename label` per line;
-    - text, one ILSVRC2012 ID (1-based) per line in file-name order, the official
+    - text, one ILSVRC2012 ID (1-based) per line, the official
       `ILSVRC2012_validation_ground_truth.txt`, with `synsets_file` listing the synsets in
-      ILSVRC2012 ID order (from the devkit; see `read_synsets_file`).
+      ILSVRC2012 ID order (from the devkit; see `read_synsets_file`). Line N is the ID of the
+      image named `ILSVRC2012_val_N` (N in 8 digits, as the official files are named): files
+      are matched by that number, never by their order.
 
     Raises:
         FileNotFoundError: no labels (or synsets) file.
         ValueError: a malformed line (file and line named), a count that does not match the
-            images, a synsets file that is not the 1000 ImageNet-1k synsets, or a
-            `synsets_file` with a labels file that does not hold ILSVRC2012 IDs.
+            images, a synsets file that is not the 1000 ImageNet-1k synsets, a
+            `synsets_file` with a labels file that does not hold ILSVRC2012 IDs, or (official
+            ground truth) an image not named `ILSVRC2012_val_<8 digits>`, or whose number has
+            no ID line or is another image's too (the first such file named).
     """
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} not found")
@@ -190,7 +247,21 @@ def read_labels_file(path: Path, files: list[Path], classes: dict[str, int],
         for n, ln in numbered:
             if not 1 <= int(ln) <= len(order):
                 raise ValueError(f"labels file {path}, line {n}: ID {ln} outside 1..{len(order)}")
-        return [classes[order[int(ln) - 1]] for ln in lines]
+        ids, seen, labels = dict(numbered), {}, []  # line number -> ID; image number -> file
+        for f in files:
+            match = OFFICIAL_NAME.match(f.stem)
+            if not match:
+                raise ValueError(f"labels file {path} is the official ground truth (line N: the ID of image "
+                                 f"ILSVRC2012_val_N), but {f.name} is not named ILSVRC2012_val_<8 digits>; keep "
+                                 "the official file names, or give a 'filename label' labels file")
+            number = int(match.group(1))
+            if number not in ids:
+                raise ValueError(f"labels file {path} has no ID on line {number}, the line of {f.name}")
+            if number in seen:
+                raise ValueError(f"{seen[number].name} and {f.name} are both image {number} of labels file {path}")
+            seen[number] = f
+            labels.append(classes[order[int(ids[number]) - 1]])
+        return labels
     pairs = []
     if path.suffix.lower() == ".csv":
         for (n, ln), row in zip(numbered, csv.reader(lines)):
@@ -224,8 +295,10 @@ def read_labels_file(path: Path, files: list[Path], classes: dict[str, int],
 def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | None = None) -> list[tuple[Path, int]]:
     """(image, class index) pairs of an ImageNet folder; see `ImageNetDataModule`.
 
-    Files that are not raster images (see `image_suffixes`) are left out with a warning
-    that counts and names them; hidden files and folders (`.name`) are not looked at.
+    Files that are not raster images (see `image_suffixes`), subfolders of class folders
+    (not read, unlike torchvision's recursive `ImageFolder`: the layout is `<synset>/*.JPEG`)
+    and broken links are left out with a warning that counts and names them by kind (for
+    subfolders, the images they hold); hidden files and folders (`.name`) are not looked at.
 
     Raises:
         FileNotFoundError: no such folder.
@@ -239,8 +312,8 @@ def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | Non
                          "ground truth's ILSVRC2012 IDs to classes); pass labels_file too, or drop synsets_file")
     classes = {s: i for i, s in enumerate(imagenet_synsets())}
     subdirs = _subdirs(folder)
-    ignored: list[Path] = []
-    loose = _images(folder, ignored)
+    left_out: dict[str, list[Path]] = {"files": [], "subfolders": [], "broken": []}
+    loose = _images(folder, left_out)
     if subdirs and loose:
         raise ValueError(
             f"{folder} mixes two layouts: {len(subdirs)} class folder(s) ({subdirs[0].name}/"
@@ -254,7 +327,7 @@ def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | Non
         if labels_file is not None:
             raise ValueError(f"labels_file {labels_file} is given but {folder} holds <synset>/ class folders, "
                              "which are the labels; drop labels_file (it applies to a flat folder of images)")
-        samples = [(f, classes[d.name]) for d in subdirs for f in _images(d, ignored)]
+        samples = [(f, classes[d.name]) for d in subdirs for f in _images(d, left_out, class_folder=True)]
     else:
         files = loose
         if labels_file is not None:
@@ -266,11 +339,9 @@ def scan(folder: Path, labels_file: Path | None = None, synsets_file: Path | Non
                              "(or name files '<synset>_*.JPEG', or use val/<synset>/ folders)")
         else:
             samples = []
-    if ignored:
-        suffixes = sorted({p.suffix.lower() or "(none)" for p in ignored})
-        warnings.warn(f"{folder}: left out {len(ignored)} file(s) that are not raster images "
-                      f"({', '.join(p.name for p in ignored[:3])}{' ...' if len(ignored) > 3 else ''}; suffixes "
-                      f"{', '.join(suffixes)}); images are {', '.join(sorted(image_suffixes()))}", stacklevel=2)
+    message = _left_out_warning(folder, left_out)
+    if message:
+        warnings.warn(message, stacklevel=2)
     if not samples:
         raise ValueError(f"no images ({', '.join(sorted(image_suffixes()))}) found in {folder}")
     return samples
@@ -290,7 +361,7 @@ class ImageFiles(Dataset):
         path, label = self.samples[index]
         try:
             with open_image(path) as img:
-                img = img.convert("RGB")
+                img = to_rgb(img)
         except Exception as err:
             if self.skip_corrupt:
                 log.warning("vquant_pl: skipping unreadable image %s (%s)", path, err)
@@ -352,10 +423,13 @@ class ImageNetDataModule(LightningDataModule):
     `read_labels_file`); flat files named `<synset>_*.JPEG`. A folder that mixes class
     folders and loose images is an error naming both. Raster images only (`RASTER_FORMATS`:
     .JPEG, .png, .webp, .bmp, .tif, .gif, .ppm), opened as those formats only (never EPS/PS,
-    which PIL renders with Ghostscript); other files are left out with a warning counting
-    them. Labels are class indices in the ImageNet-1k order, so a
+    which PIL renders with Ghostscript); other files, subfolders of class folders (not read,
+    unlike torchvision's recursive `ImageFolder`) and broken links are left out with a
+    warning counting them by kind. 16-bit and 32-bit integer images are scaled to 8 bits
+    (`to_rgb`). Labels are class indices in the ImageNet-1k order, so a
     folder with only some synsets still gets the right ones. Under DDP every sample is
-    evaluated by exactly one rank (no padding duplicates).
+    evaluated by exactly one rank (no padding duplicates); fewer samples than ranks is an
+    error naming both.
 
     Preprocessing: `preprocessing` (a `Preprocessing` or its dict) if given, else the
     model's own config when the Trainer's module has one (the `.preprocessing` that
@@ -497,6 +571,11 @@ class ImageNetDataModule(LightningDataModule):
         sampler = None
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
+            if len(self.dataset) < trainer.world_size:
+                raise ValueError(
+                    f"{len(self.dataset)} image(s){f' (limit={hp.limit})' if hp.limit else ''} for world size "
+                    f"{trainer.world_size}: each image is evaluated by exactly one process, so a process would get "
+                    f"none and DDP would hang; use at most {len(self.dataset)} device(s), or more images")
             distributed = importlib.import_module(f"{self.lightning_namespace}.overrides.distributed")
             sampler = distributed.UnrepeatedDistributedSampler(self.dataset, num_replicas=trainer.world_size,
                                                                rank=trainer.global_rank, shuffle=False)

@@ -266,3 +266,88 @@ def test_unknown_preprocessing_warns_once_naming_the_model(tmp_path):
         given = _attached(ImageNetDataModule(tmp_path, preprocessing=Preprocessing(), num_workers=0),
                           vq.ImageClassifier(net))
         assert given.preprocessing == Preprocessing()
+
+
+def test_left_out_entries_are_counted_by_kind(tmp_path):
+    import os
+
+    val = tmp_path / "val"
+    _jpeg(val / SYN[0] / "a.JPEG")
+    _jpeg(val / SYN[0] / "more" / "b.JPEG")  # a subfolder of a class folder: not read, counted
+    _jpeg(val / SYN[0] / "more" / "deeper" / "c.JPEG")
+    _jpeg(val / SYN[0] / "more" / ".hidden.JPEG")
+    (val / SYN[0] / "empty").mkdir()
+    _jpeg(val / SYN[1] / "d.JPEG")
+    os.symlink(tmp_path / "nowhere.JPEG", val / SYN[1] / "e.JPEG")  # a broken link
+    (val / SYN[1] / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning) as record:
+        samples = scan(val)
+    assert [(p.name, label) for p, label in samples] == [("a.JPEG", 0), ("d.JPEG", 1)]
+    assert [str(w.message).split("; images are")[0] for w in record] == [(
+        f"{val}: left out 1 file(s) that are not raster images ({SYN[1]}/notes.txt; suffixes .txt); "
+        f"2 subfolder(s) of class folders holding 2 image(s), not read ({SYN[0]}/empty/ holds 0, {SYN[0]}/more/ "
+        f"holds 2; images must sit directly in <synset>/); 1 broken link(s) or special file(s) "
+        f"({SYN[1]}/e.JPEG -> {tmp_path / 'nowhere.JPEG'})")]
+
+
+def test_official_ground_truth_matches_images_by_their_number(tmp_path):
+    synsets = _synsets(tmp_path / "synsets.txt", SYN)
+    unofficial = tmp_path / "unofficial"
+    for k in range(1, 13):  # 1.png .. 12.png: their name order is not their number order
+        _jpeg(unofficial / f"{k}.png", k)
+    (tmp_path / "gt12.txt").write_text("".join(f"{k}\n" for k in range(1, 13)))
+    with pytest.raises(ValueError, match=r"gt12.txt is the official ground truth \(line N: the ID of image "
+                                         r"ILSVRC2012_val_N\), but 1.png is not named ILSVRC2012_val_<8 digits>"):
+        scan(unofficial, tmp_path / "gt12.txt", synsets)
+    gap = tmp_path / "gap"
+    for k in (1, 2, 4):  # image 3 missing, image 4 present
+        _jpeg(gap / f"ILSVRC2012_val_{k:08d}.JPEG", k)
+    (tmp_path / "gt3.txt").write_text("7\n8\n9\n")
+    with pytest.raises(ValueError, match=r"gt3.txt has no ID on line 4, the line of ILSVRC2012_val_00000004.JPEG"):
+        scan(gap, tmp_path / "gt3.txt", synsets)
+    twice = tmp_path / "twice"
+    for name in ("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000001.png", "ILSVRC2012_val_00000002.JPEG"):
+        _jpeg(twice / name)
+    with pytest.raises(ValueError, match=r"ILSVRC2012_val_00000001.JPEG and ILSVRC2012_val_00000001.png are both "
+                                         r"image 1 of labels file .*gt3.txt"):
+        scan(twice, tmp_path / "gt3.txt", synsets)
+    ok = tmp_path / "ok"
+    for k in range(1, 4):
+        _jpeg(ok / f"ILSVRC2012_val_{k:08d}.JPEG", k)
+    assert [label for _, label in scan(ok, tmp_path / "gt3.txt", synsets)] == [6, 7, 8]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("7\n\n8\n9\n")  # an empty line would shift every later label
+    with pytest.raises(ValueError, match=r"blank.txt has no ID on line 2, the line of ILSVRC2012_val_00000002.JPEG"):
+        scan(ok, blank, synsets)
+
+
+def test_wide_integer_images_are_scaled_to_8_bits(tmp_path):
+    import numpy as np
+
+    levels = np.arange(0, 256, 17)  # 16 grey levels, 0 .. 255
+    Image.fromarray((levels * 257).astype(np.uint16).reshape(4, 4)).save(tmp_path / f"{SYN[0]}_a.png")  # I;16
+    Image.fromarray((levels * 257).astype(np.uint16).reshape(4, 4)).save(tmp_path / f"{SYN[1]}_b.pgm")  # I (PPM)
+    wide = (levels.astype(np.int64) << 23).astype(np.int32).reshape(4, 4)
+    wide[0, 0] = -5  # negative: black
+    Image.fromarray(wide, "I").save(tmp_path / f"{SYN[2]}_c.tif")  # 32-bit signed
+    files = ImageFiles(scan(tmp_path), lambda im: (im.mode, np.asarray(im)))
+    for i in range(3):
+        (mode, pixels), label = files[i]
+        assert mode == "RGB" and label == i
+        assert (pixels == levels.reshape(4, 4, 1)).all(), pixels[..., 0]
+
+
+def test_fewer_images_than_processes_is_named_before_the_sampler(tmp_path):
+    from types import SimpleNamespace
+
+    for i in range(3):
+        _jpeg(tmp_path / "val" / SYN[i] / "a.JPEG", i)
+    for rank in (0, 1):
+        dm = ImageNetDataModule(tmp_path, image_size=16, num_workers=0, limit=1)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        with pytest.raises(ValueError, match=r"^1 image\(s\) \(limit=1\) for world size 2: each image is evaluated "
+                                             r"by exactly one process.* use at most 1 device\(s\)"):
+            dm.test_dataloader()
+    dm = ImageNetDataModule(tmp_path, image_size=16, num_workers=0)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    assert [labels.tolist() for _, labels in dm.test_dataloader()] == [[1]]  # 3 images, 2 processes: rank 1 gets one
