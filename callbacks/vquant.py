@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -50,16 +51,32 @@ class VQuantCallback(pl.Callback):
 {settings}
         probe: a probe tensor or `Probe`, instead of probe_seed/probe_shape (Python use).
         target: dotted name of the submodule to quantize; None quantizes the whole LightningModule.
-        stages: the stages that run quantized: any of test, validate, predict.
-        keep_quantized: leave the model quantized after the stage.
+        stages: the stages that run quantized: any of test, validate, predict (at least one).
+        keep_quantized: leave the model quantized after the stage. A later stage of this callback
+            evaluates that model again (same report) as long as its tensors are unchanged.
         export: write the evaluated model there as ONNX QDQ (`vquant_pl.export_onnx`), once, on
             rank 0, after the first batch (an existing file is an error; needs the `export` extra).
         verbose: print the per-layer table on rank 0.
 
     Raises:
-        ValueError: a bad setting or stage, named, when the callback is built.
-        RuntimeError: with `export`, no module that can be exported ran in the first batch
-            (raised at its end; the message names the modules tried).
+        ValueError: a bad setting or stage (or none), named, when the callback is built;
+            `export` with a precision or model that is not float32, at setup.
+        RuntimeError: at setup, `keep_quantized` under a strategy that runs the stage in
+            processes it starts (ddp_spawn, ddp_fork, ddp_notebook: the model passed in would
+            come back float). At the start of a stage: the target is quantized already, by
+            `vq.quantize_model` or another callback (its settings, not these, would run), or it
+            is the model this callback kept quantized but its tensors changed since (a
+            checkpoint loaded into it). With `export`, no module that can be exported ran in the
+            first batch (raised at its end; the message names the modules tried).
+
+    Calibration (act_range max, percentile, mse, entropy): the first `calib_batches` batches
+    of the data module's `val_dataloader()` dataset, in order, at its batch size, whatever its
+    sampler, so every world size calibrates on the same images (rank 0's are broadcast).
+
+    Failures: a failed Trainer call restores the float weights only when it failed while this
+    callback's own quantized run was in progress (from its quantization to the end of that
+    stage). A refusal (fit on a quantized model, a model quantized elsewhere, ...) and a failure
+    in another stage leave the model as it was, kept quantized included.
 
     Checkpoints: the settings passed here always win over those saved in a checkpoint (a
     differing checkpoint gets a one-line warning). A checkpoint written while the model is
@@ -96,8 +113,11 @@ class VQuantCallback(pl.Callback):
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; expected any of {', '.join(STAGES)}")
+        if not stages:
+            raise ValueError(f"stages is empty: the callback would quantize nothing; give any of {', '.join(STAGES)}")
         if probe is not None and not isinstance(probe, (Tensor, Probe)):
             raise ValueError(f"probe must be a Tensor, a vquant_pl.Probe or None, got {type(probe).__name__}")
+        self._checked.refuse_probe_beside(probe)
         if target is not None and not isinstance(target, str):
             raise ValueError(f"target must be a submodule name (str) or None, got {target!r}")
         self.probe = probe
@@ -114,8 +134,9 @@ class VQuantCallback(pl.Callback):
         self._export_hook: _ExportOnFirstBatch | None = None
         self._exported = False  # export once per callback: a later stage leaves the file alone
         self._quantized: nn.Module | None = None  # the module this callback quantized
+        self._kept: dict[str, bytes] | None = None  # digests of its tensors when its kept run ended
+        self._running = False  # between this callback's quantization and the end of that stage
         self.report: QuantReport | None = None
-
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -125,6 +146,28 @@ class VQuantCallback(pl.Callback):
         return self.config.to_dict(resolved=True)
 
     # -- hooks ------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage):
+        """Settings that depend on the Trainer, checked before any work."""
+        if stage not in self.stages or self.config is None:
+            return
+        launcher = getattr(trainer.strategy, "launcher", None)  # ddp_spawn/fork/notebook: _MultiProcessingLauncher
+        if self.keep_quantized and any(c.__name__ == "_MultiProcessingLauncher" for c in type(launcher).__mro__):
+            raise RuntimeError(
+                f"VQuantCallback(keep_quantized=True) under strategy {type(trainer.strategy).__name__} "
+                f"({getattr(launcher, '_start_method', 'spawn')}): the {getattr(stage, 'value', stage)} stage runs "
+                "in processes the strategy starts, so the model kept quantized (and callback.report) would stay in "
+                "them and the model you passed would come back float. Use strategy='ddp' launched from a script "
+                "(or torchrun), one device, or keep_quantized=False.")
+        if self.export is not None and not self._exported:  # the file is a float32 model
+            other = next((f"{n} is {t.dtype}" for n, t in self.target_module(pl_module).named_parameters()
+                          if t.is_floating_point() and t.dtype != torch.float32), None)
+            if trainer.precision in ("64-true", "16-true", "bf16-true"):
+                other = f"precision={trainer.precision!r} converts the model's weights off float32"
+            if other is not None:
+                raise ValueError(f"VQuantCallback(export={self.export!r}): the ONNX file holds a float32 model, but "
+                                 f"{other}; export a float32 model under precision '32-true', '16-mixed' or "
+                                 "'bf16-mixed', or drop export")
+
     def on_test_start(self, trainer, pl_module):
         self._start("test", trainer, pl_module)
 
@@ -166,7 +209,14 @@ class VQuantCallback(pl.Callback):
         if self._export_hook is not None:
             self._export_hook.remove()
             self._export_hook = None
-        self.restore()  # never leave a user's model quantized by a failed run
+        # A run of this callback that failed between its quantization and its stage's end is
+        # undone (a user's model is never left quantized by a failed run). Anything else -- a
+        # refusal raised before this callback changed anything (fit on a kept model), a failure
+        # in another stage, or in a stage reusing a model kept earlier -- leaves the model as
+        # it was, so a failed Trainer call never silently undoes keep_quantized.
+        if self._running:
+            self._running = False
+            self.restore()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         """A checkpoint always holds float weights: swap the originals of quantized layers in."""
@@ -219,14 +269,43 @@ class VQuantCallback(pl.Callback):
         """Put the float weights back (no-op when nothing is quantized by this callback)."""
         if self._quantized is not None and is_quantized(self._quantized):
             restore_model(self._quantized)
-        self._quantized = None
+        self._quantized, self._kept = None, None
+
+    def _check_quantized(self, module: nn.Module) -> bool:
+        """True when `module` is the model this callback kept quantized, unchanged (evaluate it
+        again); RuntimeError when it is quantized otherwise; False when it is not quantized."""
+        if not is_quantized(module):
+            return False
+        if module is self._quantized and self._kept is not None and self.config is not None:
+            now = _digests(module)
+            changed = [k for k in sorted(set(now) | set(self._kept)) if now.get(k) != self._kept.get(k)]
+            if not changed:
+                return True
+            names = ", ".join(changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
+            raise RuntimeError(
+                f"vquant: {names} of {type(module).__name__} changed since this VQuantCallback quantized it and kept "
+                "it quantized (keep_quantized=True): other tensors were loaded (trainer.test(ckpt_path=...), "
+                "load_state_dict) into layers that still hold the earlier quantization, and evaluating that mix would "
+                "score neither model. Call callback.restore() before loading other weights (it puts back the float "
+                "weights it quantized; then run trainer.test(ckpt_path=...) again), or evaluate several "
+                "checkpoints with keep_quantized=False: each run quantizes the loaded floats and restores them.")
+        held = quantization_report(module)
+        mine = ("a float baseline (weight_bits=None)" if self.config is None else
+                f"W{self.config.weight_bits}A{self.config.act_bits or 'float'} {self.config.act_range}")
+        raise RuntimeError(
+            f"vquant: {type(module).__name__} is quantized already (W{held.weight_bits}A{held.act_bits or 'float'} "
+            f"{held.act_range}, by vq.quantize_model or another VQuantCallback with keep_quantized=True), so this "
+            f"VQuantCallback's settings ({mine}) would not apply and the run would evaluate that model. Put its "
+            "float weights back first: vq.restore_model(model), or that callback's restore().")
 
     def _start(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if stage not in self.stages or self.config is None:
+        if stage not in self.stages:
             return
         module = self.target_module(pl_module)
-        if is_quantized(module):
-            rank_zero_info(f"vquant: {type(module).__name__} is already quantized; not quantizing it again")
+        if self._check_quantized(module):
+            rank_zero_info(f"vquant: evaluating the {type(module).__name__} this callback kept quantized again")
+            return
+        if self.config is None:
             return
         exporting = self.export is not None and not self._exported
         if exporting:  # before any work: the extra is there and no file is overwritten
@@ -238,14 +317,9 @@ class VQuantCallback(pl.Callback):
         start = time.perf_counter()
         calibration = None
         if self.config.quantizes_activations and METHODS[self.config.act_range].calibrated:
-            # data-driven ranges (for comparison only): batches of the data module's val loader
-            datamodule = trainer.datamodule
-            if datamodule is None:
-                raise ValueError(f"act_range {self.config.act_range!r} needs a datamodule with "
-                                 "val_dataloader() to calibrate on")
-            calibration = datamodule.val_dataloader()
+            calibration = self._calibration(trainer, stage)
         quantize_model(module, probe=self.probe, calibration=calibration, config=self.config)
-        self._quantized = module
+        self._quantized, self._kept, self._running = module, None, True
         self._broadcast(trainer, module)
         self.report = quantization_report(module)
         self._log(trainer, self.report, time.perf_counter() - start)
@@ -287,8 +361,37 @@ class VQuantCallback(pl.Callback):
             self._export_hook.remove()
             self._export_hook = None
             rank_zero_warn(f"vquant: the {stage} stage ran no batch, so nothing was exported to {self.export}")
-        if stage in self.stages and not self.keep_quantized:
+        if stage not in self.stages:
+            return
+        self._running = False
+        if not self.keep_quantized:
             self.restore()
+        elif self._quantized is not None:  # what a later stage checks it evaluates
+            self._kept = _digests(self._quantized)
+
+    def _calibration(self, trainer: pl.Trainer, stage: str) -> Any:
+        """The batches data-driven ranges calibrate on (`calibration_batches` of the data
+        module's val_dataloader()); a warning when the stage evaluates that very dataset."""
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError(f"act_range {self.config.act_range!r} needs a datamodule with "
+                             "val_dataloader() to calibrate on")
+        loader = datamodule.val_dataloader()
+        batches = calibration_batches(loader)
+        if batches is None:
+            if trainer.world_size > 1:
+                rank_zero_warn("vquant: val_dataloader() is not a map-style DataLoader with a batch_size, so each "
+                               "rank calibrates on its own batches (rank 0's ranges are used): multi-device ranges "
+                               "may differ from single-device ones")
+            return loader
+        evaluated = {"test": trainer.test_dataloaders, "validate": trainer.val_dataloaders}.get(stage)
+        evaluated = evaluated if isinstance(evaluated, (list, tuple)) else [evaluated]
+        if any(getattr(other, "dataset", None) is loader.dataset for other in evaluated):
+            rank_zero_warn(f"vquant: act_range {self.config.act_range!r} calibrates on val_dataloader(), and this "
+                           f"{stage} run evaluates the same dataset: the calibration images are scored too, which "
+                           "flatters the data-driven ranges; give the data module a val_dataloader() over other "
+                           "images for a fair comparison")
+        return batches
 
     @staticmethod
     def _broadcast(trainer: pl.Trainer, module: nn.Module) -> None:
@@ -337,6 +440,46 @@ class VQuantCallback(pl.Callback):
                     add_figure("vquant/layers", layer_figure(report), trainer.global_step)
         if self.verbose:
             rank_zero_info(report.table() + f"\nquantized in {seconds:.2f} s")
+
+
+def calibration_batches(loader: Any) -> Optional["_InOrder"]:
+    """The batches a single device's `loader` gives: its dataset read in order at its batch
+    size, whatever its sampler (under DDP a rank's `UnrepeatedDistributedSampler` holds only
+    that rank's share), so that every world size calibrates on the same first batches. None
+    for a loader that is not a map-style DataLoader with a batch_size."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) or not loader.batch_size:
+        return None
+    return _InOrder(DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+                               num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                               pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                               multiprocessing_context=loader.multiprocessing_context))
+
+
+class _InOrder:
+    """Batches of `loader`, leaving out one with no input (every image of it skipped), as the
+    data module's own loader does."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not (isinstance(x, Tensor) and len(x) == 0):
+                yield batch
+
+
+def _digests(module: nn.Module) -> dict[str, bytes]:
+    """A digest of the bytes of every tensor of `module`'s state_dict, by key (any device)."""
+    out = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if isinstance(tensor, Tensor):
+            digest = hashlib.blake2b(f"{tensor.dtype} {tuple(tensor.shape)}".encode(), digest_size=16)
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+            out[key] = digest.digest()
+    return out
 
 
 class _ExportOnFirstBatch:

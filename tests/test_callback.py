@@ -94,11 +94,145 @@ def test_fit_after_keep_quantized_says_why_not(tmp_path):
     module = UserModule()
     callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, keep_quantized=True, verbose=False)
     _trainer(tmp_path, callback).test(module, verbose=False)
+    kept = module.net[3].weight.clone()
     with pytest.raises(RuntimeError, match="does not train .*Call callback.restore\\(\\)"):
         _trainer(tmp_path, callback, max_steps=1).fit(module)
+    # the refusal changed nothing: the model is still the kept quantized one (it was restored)
+    assert vq.is_quantized(module) and torch.equal(module.net[3].weight, kept)
     callback.restore()
     _trainer(tmp_path, callback, max_steps=1).fit(module)  # trains once restored
     assert not vq.is_quantized(module)
+
+
+def _checkpoint_of_other_weights(tmp_path):
+    """A checkpoint of another model (B): its float state and the file."""
+    other = UserModule()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+    trainer = _trainer(tmp_path, None, callbacks=[])
+    trainer.strategy.connect(other)
+    trainer.save_checkpoint(tmp_path / "other.ckpt")
+    return _floats(other), tmp_path / "other.ckpt"
+
+
+def test_a_checkpoint_loaded_into_a_kept_quantized_model_is_refused_never_mixed(tmp_path):
+    """keep_quantized, then trainer.test(ckpt_path=B) on the same model: Lightning loaded B's
+    floats into layers still holding A's quantization; the callback said "already quantized",
+    evaluated the mix, and restore() brought A's floats back (B lost)."""
+    other, path = _checkpoint_of_other_weights(tmp_path)
+    expected = UserModule()
+    expected.load_state_dict(other)
+    vq.quantize_model(expected, 4, 4, probe=vq.Probe(0, PROBE))
+    x = torch.rand(2, 3, 12, 12)
+
+    module = UserModule()
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, keep_quantized=True, verbose=False)
+    trainer = _trainer(tmp_path, callback)
+    trainer.test(module, verbose=False)
+    report, kept = callback.report, module.net[3].weight.clone()
+    trainer.test(module, verbose=False)  # unchanged: the kept model is evaluated again, same report
+    assert callback.report is report and torch.equal(module.weights_seen[-1], kept)
+    module.weights_seen.clear()
+    with pytest.raises(RuntimeError, match=r"net\.0\.bias, net\.0\.weight, net\.1\.bias \(and 5 more\) of UserModule "
+                                           r"changed since this VQuantCallback quantized it.*callback\.restore\(\).*"
+                                           r"keep_quantized=False"):
+        trainer.test(module, ckpt_path=path, verbose=False)
+    assert module.weights_seen == []  # the mix never ran
+    callback.restore()  # what the message says: restore, then load the checkpoint again
+    trainer.test(module, ckpt_path=path, verbose=False)
+    assert torch.equal(module.weights_seen[0], expected.net[3].weight)
+    assert torch.equal(module.eval()(x), expected.eval()(x))  # B, properly quantized
+    callback.restore()
+    assert [k for k in other if not torch.equal(module.state_dict()[k], other[k])] == []  # B's floats back
+
+
+@pytest.mark.parametrize("bits", [8, None], ids=["w8a8", "float-baseline"])
+def test_a_model_quantized_elsewhere_is_refused(tmp_path, bits):
+    """A W4A4 model (vq.quantize_model, or another callback keeping it): VQuantCallback(8, 8)
+    evaluated the W4A4 model with report None, and the float baseline evaluated it silently."""
+    for how in ("quantize_model", "callback"):
+        module = UserModule()
+        if how == "quantize_model":
+            vq.quantize_model(module, 4, 4, probe=vq.Probe(0, PROBE))
+        else:
+            first = vq.VQuantCallback(4, 4, probe_shape=PROBE, keep_quantized=True, verbose=False)
+            _trainer(tmp_path, first).test(module, verbose=False)
+            module.weights_seen.clear()
+        w4 = module.net[3].weight.clone()
+        callback = vq.VQuantCallback(bits, bits, probe_shape=PROBE, verbose=False)
+        mine = r"W8A8 bn" if bits else r"a float baseline \(weight_bits=None\)"
+        with pytest.raises(RuntimeError, match=rf"UserModule is quantized already \(W4A4 bn, .*this VQuantCallback's "
+                                               rf"settings \({mine}\) would not apply.*vq\.restore_model\(model\)"):
+            _trainer(tmp_path, callback).test(module, verbose=False)
+        assert module.weights_seen == [] and callback.report is None, how
+        assert vq.is_quantized(module) and torch.equal(module.net[3].weight, w4), how  # left as it was
+
+
+def test_a_failed_run_restores_only_what_that_run_quantized(tmp_path):
+    class Failing(UserModule):
+        fail = True
+
+        def test_step(self, batch, batch_idx):
+            if self.fail:
+                raise KeyError("boom")
+            return super().test_step(batch, batch_idx)
+
+    module = Failing()
+    floats = _floats(module)
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, keep_quantized=True, verbose=False)
+    trainer = _trainer(tmp_path, callback)
+    with pytest.raises(KeyError):
+        trainer.test(module, verbose=False)  # this callback's own run failed: the floats come back
+    assert not vq.is_quantized(module) and all(torch.equal(module.state_dict()[k], v) for k, v in floats.items())
+    module.fail = False
+    trainer.test(module, verbose=False)
+    kept = module.net[3].weight.clone()
+    module.fail = True
+    with pytest.raises(KeyError):
+        trainer.test(module, verbose=False)  # a later run of the kept model failed: it stays kept
+    assert vq.is_quantized(module) and torch.equal(module.net[3].weight, kept)
+
+
+def test_stages_must_name_a_stage():
+    with pytest.raises(ValueError, match="stages is empty: the callback would quantize nothing"):
+        vq.VQuantCallback(stages=[])
+
+
+def test_a_probe_beside_probe_seed_is_refused_when_the_callback_is_built():
+    with pytest.raises(ValueError, match=r"probe= is given, so probe_seed=3 would be ignored"):
+        vq.VQuantCallback(probe=torch.zeros(1, 3, 8, 8), probe_seed=3)
+
+
+def test_keep_quantized_under_a_spawning_strategy_is_refused_at_setup():
+    """ddp_spawn: the stage runs in child processes; the parent's model came back float and
+    callback.report None although keep_quantized=True."""
+    spawning = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    callback = vq.VQuantCallback(4, 4, keep_quantized=True, verbose=False)
+    with pytest.raises(RuntimeError, match=r"keep_quantized=True\) under strategy DDPStrategy \(spawn\): the test stage "
+                                           r"runs in processes the strategy starts.*strategy='ddp'"):
+        callback.setup(spawning, UserModule(), "test")
+    callback.setup(spawning, UserModule(), "fit")  # not one of its stages
+    vq.VQuantCallback(4, 4, verbose=False).setup(spawning, UserModule(), "test")  # not kept: fine
+    script = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # rank 0 is this process
+    callback.setup(script, UserModule(), "test")
+
+
+@pytest.mark.parametrize("precision, double, said", [
+    ("64-true", False, "precision='64-true' converts the model's weights off float32"),
+    ("bf16-true", False, "precision='bf16-true' converts"),
+    ("32-true", True, "net.0.weight is torch.float64"),
+])
+def test_export_of_a_model_that_is_not_float32_is_refused_at_setup(tmp_path, precision, double, said):
+    """export= under 64-true/bf16-true failed only after quantizing and running the first batch."""
+    module, path = UserModule(), tmp_path / "m.onnx"
+    if double:
+        module.double()
+    callback = vq.VQuantCallback(4, 4, probe_shape=PROBE, export=str(path), verbose=False)
+    with pytest.raises(ValueError, match=rf"export=.*float32 model, but {said}"):
+        _trainer(tmp_path, callback, precision=precision).test(module, verbose=False)
+    assert module.weights_seen == [] and callback.report is None and not path.exists()
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true"])

@@ -175,3 +175,15 @@ def test_mixed_precision_settings_that_cannot_hold():
     with pytest.raises(ValueError, match="needs bit_allocation_rule='exact'"):
         QuantConfig(mixed_precision="weights", bit_allocation=True)
     QuantConfig(mixed_precision="weights", bit_allocation=True, bit_allocation_rule="exact")
+
+
+def test_a_probe_beside_probe_seed_or_shape_is_refused_by_the_config():
+    """The check the callback can run when it is built (it holds a probe beside a QuantConfig)."""
+    probe = torch.rand(2, 4)
+    for config in (QuantConfig(probe_seed=5), QuantConfig(probe_shape=(2, 4))):
+        with pytest.raises(ValueError, match=r"probe= is given, so probe_(seed|shape)=.* would be ignored"):
+            config.refuse_probe_beside(probe)
+    with pytest.raises(ValueError, match=r"probe= is given, so probe_seed=0 would be ignored"):
+        QuantConfig().refuse_probe_beside(vq.Probe(), given=["probe_seed"])  # named by the caller, at the default
+    QuantConfig().refuse_probe_beside(probe)
+    QuantConfig(probe_seed=5).refuse_probe_beside(None)

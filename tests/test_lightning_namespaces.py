@@ -92,6 +92,28 @@ def test_both_installed_and_imported_each_trainer_works(namespace, monkeypatch, 
         assert type(clone) is type(clf) and clone.lightning_namespace == namespace
 
 
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_load_from_checkpoint_on_the_public_classes(namespace, monkeypatch, tmp_path):
+    """vq.ImageClassifier.load_from_checkpoint raised AttributeError: the public class is the
+    namespace-neutral base, which has no Lightning methods."""
+    ns = pytest.importorskip(namespace)
+    monkeypatch.setenv("VQUANT_LIGHTNING", namespace)
+    clf = vq.ImageClassifier(_net())
+    data = vq.ImageNetDataModule(root=None, image_size=32, batch_size=4, num_workers=0, limit=4)
+    trainer = ns.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(clf, datamodule=data, verbose=False)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    blank = _net()
+    with torch.no_grad():
+        for p in blank.parameters():
+            p.zero_()
+    back = vq.ImageClassifier.load_from_checkpoint(tmp_path / "c.ckpt", model=blank, num_classes=1000)
+    assert type(back) is type(clf) and isinstance(back, ns.LightningModule)
+    assert all(torch.equal(a, b) for a, b in zip(back.model.parameters(), clf.model.parameters()))
+    again = vq.ImageNetDataModule.load_from_checkpoint(tmp_path / "c.ckpt")
+    assert type(again) is type(data) and again.hparams.image_size == 32 and again.hparams.limit == 4
+
+
 def test_namespace_is_chosen_from_the_calling_code(monkeypatch):
     import lightning
     import pytorch_lightning

@@ -62,7 +62,8 @@ def test_timm_conv2d_same_and_subclasses_are_quantized():
     model = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=10).eval()
     expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert any(isinstance(m, Conv2dSame) for m in model.modules())
-    report = vq.quantize_model(model, 8, 8, probe=vq.Probe(shape=(2, 3, 64, 64)))
+    # sigma ranges: with random init the running statistics do not describe the activations
+    report = vq.quantize_model(model, 8, 8, act_range="sigma", probe=vq.Probe(shape=(2, 3, 64, 64)))
     assert [r.name for r in report.layers] == expected
     assert "Conv2dSame" in {r.kind for r in report.layers}
     vq.restore_model(model)
@@ -494,7 +495,8 @@ def test_a_first_layer_called_twice_is_named_in_the_report():
         def forward(self, x):
             return self.fc(self.pool(torch.relu(self.bn(self.c(x) + self.c(x.flip(-1))))).flatten(1))
 
-    report = vq.quantize_model(TwiceBN(), 4, 4, act_range="bn", probe_shape=(2, 3, 8, 8))
+    with pytest.warns(UserWarning, match=r"probe_shape=\(2, 3, 8, 8\) not used: no probe ran"):
+        report = vq.quantize_model(TwiceBN(), 4, 4, act_range="bn", probe_shape=(2, 3, 8, 8))
     assert report.probe is None and [r.calls for r in report.layers] == [2, 1]
 
 
@@ -734,3 +736,117 @@ def test_a_check_pass_that_cannot_run_is_a_warning():
     net.fc1.register_forward_pre_hook(lambda m, a: None)
     with pytest.warns(UserWarning, match=r"so this is unchecked"):
         assert vq.quantize_model(net, 4, None, probe_shape=(2, 5)).num_layers == 2
+
+
+# -- review: weight_clip and bias correction, unread probe settings, num_weights, partial views -------------------
+def _heavy_tailed_bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.BatchNorm2d(32),
+                        nn.ReLU(), nn.Conv2d(32, 4, 1)).eval()
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.weight.uniform_(0.3, 2)
+            bn.bias.uniform_(0.5, 1.5)
+        net[3].weight.copy_(torch.distributions.Laplace(0.0, 0.05).sample(net[3].weight.shape))  # clipping helps
+    return net
+
+
+def test_bn_bias_correction_also_corrects_the_mean_shift_of_weight_clip():
+    """The reference float weight was taken after clipping: the clip's shift of E[y] stayed,
+    although the row said "bias corrected" (max residual 0.25 against 0.04 without clipping)."""
+    from vquant_pl.methods.bn_graph import bn_stats
+    from vquant_pl.methods.bn_mse import sample_stats
+
+    def residual(clip: bool) -> float:
+        net = _heavy_tailed_bn_net()
+        w, b = net[3].weight.detach().clone(), net[3].bias.detach().clone()
+        mean = sample_stats(bn_stats(net, ["3"])["3"], 256, 0).mean(1)  # the input means correct_bias uses
+        report = vq.quantize_model(net, 3, None, weight_clip=clip)
+        assert report.layers[1].note == "bias corrected (weights)"
+
+        def expected(weight, bias):
+            return (weight.sum((2, 3)) * mean).sum(1) + bias
+        return float((expected(net[3].weight.detach(), net[3].bias.detach()) - expected(w, b)).abs().max())
+
+    assert residual(False) < 1e-4 and residual(True) < 1e-4
+
+
+def test_aciq_bias_correction_restores_the_channel_means_from_before_weight_clip():
+    net = _heavy_tailed_bn_net()
+    w = net[3].weight.detach().clone()
+    vq.quantize_model(net, 3, None, weight_clip=True, bias_correction=True, bn_bias_correction=None)
+
+    def means(t):
+        return t.detach().reshape(t.shape[0], -1).mean(1)
+    assert torch.allclose(means(net[3].weight), means(w), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings, named, why", [
+    (dict(act_bits=None, probe_seed=5), "probe_seed=5", "the activations stay float"),
+    (dict(act_bits=None, probe_seed=0), "probe_seed=0", "the activations stay float"),  # named, at the default
+    (dict(probe_shape=(2, 3, 8, 8)), r"probe_shape=\(2, 3, 8, 8\)", "BatchNorm statistics ranged every layer input"),
+    (dict(probe=vq.Probe(shape=(2, 3, 8, 8))), "probe=", "BatchNorm statistics ranged every layer input"),
+    (dict(act_range="max", probe_shape=(2, 3, 8, 8), calibration=[torch.rand(2, 3, 8, 8)]),
+     r"probe_shape=\(2, 3, 8, 8\)", "act_range 'max' calibrates on the calibration= batches"),
+])
+def test_probe_settings_a_run_never_reads_are_a_warning_naming_them(settings, named, why):
+    """probe_seed / probe_shape were accepted and silently ignored where no probe ran."""
+    net = _bn_chain()
+    with pytest.warns(UserWarning, match=f"^{named}.* not used: no probe ran \\({why}\\)"):
+        report = vq.quantize_model(net, 4, **settings)
+    assert report.probe is None
+
+
+def test_probe_settings_a_run_reads_give_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vq.quantize_model(_bn_chain(), 4, 4, act_range="sigma", probe_shape=(2, 3, 8, 8), probe_seed=5)
+        hooked = _bn_chain()
+        hooked[3].register_forward_pre_hook(lambda m, a: None)  # the check forward draws one probe sample
+        vq.quantize_model(hooked, 4, None, probe_shape=(2, 3, 8, 8))
+
+
+def test_num_weights_counts_a_shared_weight_once():
+    """192 for 128 distinct weight elements, while bit_budget counts a shared weight once."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    net[1].weight = net[0].weight
+    report = vq.quantize_model(net, 4, None)
+    assert report.num_weights == report.to_dict()["num_weights"] == 2 * 8 * 8
+    assert [r.shared_with for r in report.layers] == [None, "0", None]
+    assert "3 layers, 128 weights (a shared weight once), W4" in report.table()
+
+
+class _RowsOfATable(nn.Module):
+    """A quantized layer whose weight is rows 8..15 of an embedding table (not quantized)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.emb, self.fc, self.head = nn.Linear(8, 8), nn.Embedding(24, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.fc.weight = nn.Parameter(self.emb.weight[8:16])
+
+    def forward(self, x):
+        return self.head(self.fc(self.fc0(x))) + self.emb.weight.sum()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared-memory"])
+def test_a_weight_over_part_of_another_modules_parameter_is_noted(shared):
+    """The embedding rows were rewritten with no note (only the very same view was matched)."""
+    torch.manual_seed(0)
+    net = _RowsOfATable().eval()
+    if shared:
+        net.share_memory()
+    floats, table = _snapshot(net), net.emb.weight.detach().clone()
+    ptr = net.emb.weight.untyped_storage().data_ptr()
+    report = vq.quantize_model(net, 4, None, bn_bias_correction=None)
+    rows = (net.emb.weight != table).any(1).nonzero().flatten().tolist()
+    note = report.layers[1].note
+    assert note.startswith("weight overlaps part of 'emb.weight' (not a quantized layer): ")
+    if shared:  # the layer moved to a private copy, the table was never written
+        assert note.endswith("in shared memory, so the layer quantizes a private copy and those keep the float "
+                             "values") and rows == []
+    else:
+        assert note.endswith("the overlapping elements hold the quantized values too") and rows == list(range(8, 16))
+    assert not torch.equal(net.fc.weight, floats["fc.weight"])
+    vq.restore_model(net)
+    _assert_same(net, floats)
+    assert net.emb.weight.untyped_storage().data_ptr() == ptr == net.fc.weight.untyped_storage().data_ptr()

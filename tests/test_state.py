@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import vquant_pl as vq
+from vquant_pl.state import ORIGINALS
 
 PROBE = vq.Probe(seed=1, shape=(4, 3, 16, 16))
 
@@ -248,3 +249,98 @@ def test_a_model_pickled_before_the_call_counting_attributes_loads_and_runs():
     assert torch.equal(old(x), expected)
     hooks = [h for m in old.modules() for h in m._forward_pre_hooks.values() if isinstance(h, InputQuantizer)]
     assert hooks and all(h.calls == 0 and h.counting is False for h in hooks)  # not counting after the run
+
+
+# -- shared memory (ddp_spawn on CPU, Hogwild): keyed before any tensor moves, storage given back --------------
+class TiedHead(nn.Module):
+    """Two layers holding one Parameter, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+def _storages(model):
+    return {k: (t.untyped_storage().data_ptr(), t.is_shared())
+            for k, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]}
+
+
+def test_a_tied_weight_in_shared_memory_is_quantized_once_and_restored_exactly():
+    """The second layer holding the Parameter was keyed after the first had moved it to a
+    private copy: quantized again, the quantized values saved as its float original, so
+    restore_model left the model quantized, and the note "weight shared" was lost."""
+    torch.manual_seed(0)
+    model = TiedHead().eval()
+    model.share_memory()
+    floats, storages, x = _snapshot(model), _storages(model), torch.rand(4, 8)
+    float_out = model(x)
+    expected = vq.quantize_weight(model.a.weight.detach().clone(), 4)
+    report = vq.quantize_model(model, 4, 4, act_range="sigma", probe=torch.rand(16, 8))
+    assert report.layers[1].note == "weight shared with 'a': quantized once"
+    assert torch.equal(model.a.weight, expected) and model.b.weight is model.a.weight  # once, not twice
+    vq.restore_model(model)
+    assert _same(model, floats) and torch.equal(model(x), float_out) and _storages(model) == storages
+
+
+class BoomAfterOne(nn.Module):
+    def forward(self, x):
+        if x.shape[0] > 1:  # the one-sample shape check passes, the probe pass fails
+            raise RuntimeError("boom")
+        return x
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+@pytest.mark.parametrize("settings", [dict(act_range="sigma", probe=torch.rand(4, 3, 12, 12)),
+                                      dict(equalize=True, weight_clip=True)], ids=["weights", "transforms"])
+def test_shared_memory_is_never_written_and_given_back_by_restore(settings):
+    """Quantize + restore left every changed tensor on a private storage, no longer shared;
+    equalize, weight_clip and bias correction wrote into the shared storage itself."""
+    model = _bn_net()
+    model.share_memory()
+    floats, storages = _snapshot(model), _storages(model)
+    shared = {k: t.detach() for k, t in model.state_dict().items()}  # aliases of the shared storages
+    report = vq.quantize_model(model, 4, 4, **settings)
+    assert any("bias corrected" in r.note for r in report.layers)
+    assert all(torch.equal(shared[k], floats[k]) for k in floats), "a shared storage was written"
+    assert not torch.equal(model[3].weight, floats["3.weight"])  # the model runs quantized
+    vq.restore_model(model)
+    assert _same(model, floats) and _storages(model) == storages
+
+
+def test_a_failed_run_gives_shared_memory_back():
+    """After a failure in the probe pass the weight was on another storage, not shared."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), BoomAfterOne(), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    model.share_memory()
+    floats, storages = _snapshot(model), _storages(model)
+    with pytest.raises(RuntimeError, match="the probe pass through the quantized model failed: boom"):
+        vq.quantize_model(model, 4, 4, act_range="sigma", probe=torch.rand(4, 3, 12, 12))
+    assert _same(model, floats) and _storages(model) == storages and not vq.is_quantized(model)
+    assert not any(ORIGINALS in m.__dict__ for m in model.modules())
+
+
+def test_tensors_over_one_shared_storage_move_together():
+    """Two Parameters over one shared storage, one of a quantized layer, one of a module that is
+    not quantized: both read the one quantized copy (as the note says) and get the storage back."""
+    torch.manual_seed(0)
+    table = torch.randn(8, 8).share_memory_()
+    embed, a, b = nn.Embedding(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+    embed.weight, a.weight, b.weight = nn.Parameter(table), nn.Parameter(table), nn.Parameter(table)
+    model = nn.Sequential(nn.Linear(8, 8), a, b, nn.ModuleList([embed]))
+    floats, storages = _snapshot(model), _storages(model)
+    report = vq.quantize_model(model, 4, None)
+    assert "weight shared with '3.0.weight' (not a quantized layer): it reads the quantized values too" in \
+        report.layers[1].note and report.layers[2].note == "weight shared with '1': quantized once"
+    assert torch.equal(embed.weight, a.weight) and torch.equal(b.weight, a.weight)
+    assert torch.equal(a.weight, vq.quantize_weight(floats["1.weight"], 4)) and torch.equal(table, floats["1.weight"])
+    vq.restore_model(model)
+    assert _same(model, floats) and _storages(model) == storages

@@ -137,16 +137,33 @@ class _Adaptive:
         return type(self).__lightning__
 
 
+def _load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):
+    """Lightning's `load_from_checkpoint`, on the class itself or, for the public class (a
+    namespace-neutral base, which has none), on its variant for the active namespace: an
+    instance of `variant(cls)`, as building the class gives.
+
+    Example:
+        >>> import vquant_pl as vq
+        >>> callable(vq.ImageClassifier.load_from_checkpoint)
+        True
+    """
+    target = cls if cls.__dict__.get("__vquant_base__") is not None else variant(cls)
+    base = getattr(module(target.__lightning__), target.__lightning_base__)  # L.LightningModule, ...
+    return vars(base)["load_from_checkpoint"].__get__(None, target)(checkpoint_path, *args, **kwargs)
+
+
 class LightningModule(_Adaptive, nn.Module):
     """Namespace-neutral base of vquant-pl's LightningModules."""
 
     __lightning_base__ = "LightningModule"
+    load_from_checkpoint = classmethod(_load_from_checkpoint)
 
 
 class LightningDataModule(_Adaptive):
     """Namespace-neutral base of vquant-pl's LightningDataModules."""
 
     __lightning_base__ = "LightningDataModule"
+    load_from_checkpoint = classmethod(_load_from_checkpoint)
 
 
 class Callback(_Adaptive):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal, Optional, Sequence, get_args
+from typing import Any, Iterable, Literal, Optional, Sequence, get_args
 
 #: Supported bit widths of weights and activations.
 MIN_BITS, MAX_BITS = 2, 8
@@ -234,6 +234,19 @@ class QuantConfig:
                                  f"act_bits={self.act_bits!r}, act_range={self.act_range!r}, equalize={self.equalize!r}, "
                                  f"mixed_precision={self.mixed_precision!r}); drop it (on the command line "
                                  f"--quant.{name} {_cli(_DEFAULTS[name])}) or set what reads it")
+
+    def refuse_probe_beside(self, probe: object, given: Iterable[str] = ()) -> None:
+        """A `probe` (a tensor or `Probe`) beside `probe_seed`/`probe_shape` -- set to another
+        value than the default, or named in `given` (the settings a caller passed) -- would
+        leave one of them ignored: a ValueError. `quantize_model` calls it with its keywords;
+        a caller that holds a probe beside a config (the callback) calls it when built."""
+        if probe is None:
+            return
+        given = set(given)
+        named = [k for k in ("probe_seed", "probe_shape") if k in given or getattr(self, k) != _DEFAULTS[k]]
+        if named:
+            raise ValueError(f"probe= is given, so {', '.join(f'{k}={getattr(self, k)!r}' for k in named)} "
+                             "would be ignored; pass either probe= or probe_seed/probe_shape")
 
     def without_equalize(self) -> "QuantConfig":
         """The same settings without `equalize` (its `equalize_alpha` / `equalize_k` at their defaults)."""

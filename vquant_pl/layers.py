@@ -7,8 +7,9 @@ from torch import Tensor, nn
 
 #: Layer types whose weights and inputs are quantized (subclasses included).
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-#: BatchNorm types whose statistics the data-free methods read.
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: BatchNorm types whose statistics the data-free methods read (subclasses included: timm's
+#: BatchNormAct2d is one; `bn_graph.bn_activation` tells what such a subclass applies after normalizing).
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -47,3 +48,16 @@ def per_input_channel(layer: nn.Module, values: Tensor, reduce: Callable[..., Te
         return reduce(values, dim=0)
     g = layer.groups
     return reduce(values.reshape(g, values.shape[0] // g, values.shape[1], -1), dim=(1, 3)).flatten()
+
+
+def recomputed_by(module: nn.Module, tensor_name: str) -> str | None:
+    """What recomputes `module.<tensor_name>` on access or before every forward (pruning, a
+    parametrization, weight_norm, spectral_norm), or None: a value written into it would not last."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, tensor_name):
+        return "a parametrization"
+    for hook in module._forward_pre_hooks.values():
+        if tensor_name in (getattr(hook, "_tensor_name", None), getattr(hook, "name", None)):
+            return type(hook).__name__
+    return None

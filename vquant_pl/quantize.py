@@ -26,7 +26,7 @@ from .probe import Probe, default_probe_shape, make_probe
 from .methods.table import METHODS, RangeMethod
 from .report import LayerReport, QuantReport
 from .methods.bn_graph import bn_call_stats
-from .layers import BATCHNORMS, QUANTIZABLE, in_channels, input_channel_dim, quantizable_layers
+from .layers import BATCHNORMS, QUANTIZABLE, in_channels, input_channel_dim, quantizable_layers, recomputed_by
 from .state import (LayerState, RunInfo, attach_state, has_state, input_quantizer, iter_states, restore_all,
                     run_scope, save_original, storage_key, undo_run)
 from .ops.weights import check_weight, quantize_weight
@@ -52,13 +52,18 @@ class _Plan:
     weight_bits: list[int] | None = None  # per layer under mixed_precision (else config.weight_bits)
     bit_budget: dict | None = None  # mixed_precision: the averages reached (QuantReport.bit_budget)
     fixed: dict[str, "Quantizer | str"] = field(default_factory=dict)  # BN ranges, or why none
-    float_weights: dict[str, Tensor] = field(default_factory=dict)  # just before rounding (for bias correction)
+    float_weights: dict[str, Tensor] = field(default_factory=dict)  # the reference of bias correction
+    unclipped: dict[str, Tensor] = field(default_factory=dict)  # weight_clip: each weight just before clipping
     written: dict[str, Tensor] = field(default_factory=dict)  # the tensor each layer's weight codes went into
     calls: dict[str, int] = field(default_factory=dict)  # calls per forward, where more than one
     passes: int = 0  # forward passes of the ranging run (the probe: 1; calibration: the batches)
-    readers: dict[tuple, list[str]] = field(default_factory=dict)  # storage -> tensors of modules not quantized
+    views: dict[str, "_View"] = field(default_factory=dict)  # layer -> its weight's memory, before any change
+    readers: dict[tuple, list[tuple[str, nn.Module, str, "_View"]]] = field(default_factory=dict)
+    # storage -> (name, module, attribute, view) of the parameters of modules that are not quantized
+    notes: dict[str, str] = field(default_factory=dict)  # layer -> what a transform left undone there, and why
     probe: Tensor | None = None
     probe_info: dict | None = None
+    probe_read: bool = False  # the probe (or probe_seed/probe_shape) was drawn or run
     tap: PreActivationTap | None = None  # ACIQ on the probe: moments before each ReLU
     backend: str = "torch"
 
@@ -132,19 +137,6 @@ def _refuse_pruned_ties(layers: list[tuple[str, nn.Module]]) -> None:
             raise ValueError(f"layer {pruned[0]!r} is pruned and its weight is shared with layer(s) {others}: the "
                              "mask applies to one of them only, so one quantized weight cannot serve both; untie "
                              "them first (give each layer its own weight)")
-
-
-def _recomputed_by(layer: nn.Module, tensor_name: str) -> str | None:
-    """What recomputes `layer.<tensor_name>` before every forward (pruning, a parametrization,
-    weight_norm, spectral_norm), or None: a value written into it would not last."""
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(layer, tensor_name):
-        return "a parametrization"
-    for hook in layer._forward_pre_hooks.values():
-        if tensor_name in (getattr(hook, "_tensor_name", None), getattr(hook, "name", None)):
-            return type(hook).__name__
-    return None
 
 
 def _looks_quantized(layers: list[tuple[str, nn.Module]]) -> tuple[str, int] | None:
@@ -221,6 +213,7 @@ def _allocate_bits(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
             given = given[:GAIN_PROBES]  # moved to the device after the cut
             info = {"tensor": list(probe.shape)}
         gain_probe = make_probe(given, model, first, first.weight.device, first.weight.dtype)
+        plan.probe_read = True
         if plan.probe_info is None:  # the report names the probe the allocation used
             plan.probe_info = info
     alloc = allocate(model, plan.layers, stats, config.weight_bits, _layer_act_bits(config, len(plan.layers)),
@@ -245,10 +238,14 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
     device = layers[0][1].weight.device
     backend, _ = backends.resolve(config.backend, device)
     plan = _Plan(config, METHODS[config.act_range], layers, _layer_act_bits(config, len(layers)), backend=backend)
+    plan.views = {name: _View.of(getattr(layer, weight_source(name, layer))) for name, layer in layers}
+    _refuse_partial_overlap(plan.views)
     for owner, module in model.named_modules():  # tensors of other modules that a layer's weight may share
         if not isinstance(module, QUANTIZABLE):
-            for what, t in module.named_parameters(prefix=owner, recurse=False):
-                plan.readers.setdefault(storage_key(t), []).append(what)
+            for what, t in module.named_parameters(recurse=False):
+                view = _View.of(t)
+                plan.readers.setdefault(view.storage, []).append((f"{owner}.{what}" if owner else what, module,
+                                                                   what, view))
     if config.mixed_precision is not None and not (config.equalize or config.weight_clip):  # else in _prepare
         _allocate_bits(model, plan, probe)
     if not config.quantizes_activations:
@@ -269,6 +266,7 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
     plan.probe_info = ({"seed": probe.seed, "shape": list(probe.shape) if probe.shape else None}
                        if isinstance(probe, Probe) else None)
     plan.probe = make_probe(probe, model, layers[0][1], device, layers[0][1].weight.dtype)
+    plan.probe_read = True
     if plan.probe_info is not None and plan.probe_info["shape"] is None:
         plan.probe_info["shape"] = list(plan.probe.shape)
     elif plan.probe_info is None:
@@ -284,14 +282,17 @@ def _plan(model: nn.Module, config: QuantConfig, probe: Tensor | Probe | None, c
 # -- weights ------------------------------------------------------------------------------
 def apply_transforms(model: nn.Module, config: QuantConfig, save=save_original,
                      layers: list[tuple[str, nn.Module]] | None = None,
-                     weight_bits: dict[str, int] | None = None) -> bool:
+                     weight_bits: dict[str, int] | None = None, notes: dict[str, str] | None = None) -> bool:
     """The pre-quantization transforms of the float model that `config` asks for
     (`equalize`, then `weight_clip`, for `config.weight_bits` or each layer's `weight_bits`);
-    `save(module, name)` is called before a tensor changes. True when one ran."""
+    `save(module, name)` is called before a tensor changes. True when one ran. `notes`, when
+    given, gets each consumer layer of an equalization group left unequalized, with why."""
     if config.equalize:
         from .methods.equalize import equalize
 
-        equalize(model, config.equalize_alpha, config.equalize_k, save=save)
+        for group in equalize(model, config.equalize_alpha, config.equalize_k, save=save):
+            for name in group.consumers if group.skipped and notes is not None else ():
+                notes[name] = f"not equalized: {group.skipped}"
     if config.weight_clip:
         from .methods.weight_clip import clip_weights
 
@@ -300,28 +301,36 @@ def apply_transforms(model: nn.Module, config: QuantConfig, save=save_original,
 
 
 def _prepare(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> bool:
-    """The transforms, each saving what it changes so that `restore_model` undoes it. Under
-    `mixed_precision` the bits are allocated for the equalized model, and each layer is then
-    clipped for its own bits."""
+    """The transforms, each saving what it changes so that `restore_model` undoes it:
+    `equalize`, then (under `mixed_precision`) the bits allocated for the equalized model,
+    then `weight_clip`, each layer for its own bits. The weights just before clipping are kept
+    (`plan.unclipped`): bias correction restores their means, the clip's shift included."""
     config = plan.config
-    if config.mixed_precision is None or not (config.equalize or config.weight_clip):
-        return apply_transforms(model, config, save_original, plan.layers)
-    apply_transforms(model, config.replace(weight_clip=False), save_original, plan.layers)
-    _allocate_bits(model, plan, probe)
-    apply_transforms(model, config.without_equalize(), save_original, plan.layers,
-                     {name: b for (name, _), b in zip(plan.layers, plan.weight_bits)})
+    if not (config.equalize or config.weight_clip):
+        return False
+    apply_transforms(model, config.replace(weight_clip=False), save_original, plan.layers, notes=plan.notes)
+    if config.mixed_precision is not None:
+        _allocate_bits(model, plan, probe)
+    if config.weight_clip:
+        for name, layer in plan.layers:
+            plan.unclipped[name] = layer.weight.detach().clone()
+        bits = None if plan.weight_bits is None else {name: b for (name, _), b in zip(plan.layers, plan.weight_bits)}
+        apply_transforms(model, config.without_equalize(), save_original, plan.layers, bits)
     return True
 
 
 def quantize_layer_weight(weight: Tensor, bits: int, rounding: str, backend: str | None,
                           bias_correction: bool = False, bit_allocation: bool = False,
                           bit_allocation_rule: str = "aciq",
-                          bias_correction_rule: str = "mean") -> tuple[Tensor, Tensor | None]:
+                          bias_correction_rule: str = "mean",
+                          reference: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """A layer's quantized weight; with `bit_allocation`, output channels get ACIQ-allocated
     bits (`methods.aciq.weight_channel_bits`; returned as the second value, None where the
     rule allocates nothing), grouped so that SQuant still runs per channel; a channel given
     0 bits becomes its minimum, as in the original code. With `bias_correction`, ACIQ's
-    per-channel correction (`bias_correction_rule`) is applied after."""
+    per-channel correction (`bias_correction_rule`) is applied after; `reference`, the
+    weight before `weight_clip` clipped it, then gives the channel means (the rule's spread
+    stays the clipped weight's)."""
     channel_bits = weight_channel_bits(weight, bits, bit_allocation_rule) if bit_allocation else None
     if channel_bits is not None:
         q = torch.empty_like(weight)
@@ -336,15 +345,21 @@ def quantize_layer_weight(weight: Tensor, bits: int, rounding: str, backend: str
         q = quantize_weight(weight, bits, rounding, backend)
     if bias_correction:
         q = bias_correct(weight, q, bias_correction_rule)
+        if reference is not None:  # the clip's mean shift, per output channel
+            shift = _channel_means(reference) - _channel_means(weight)
+            q = (q.float() + shift.view(-1, *[1] * (q.dim() - 1))).to(q.dtype)
     return q, channel_bits
+
+
+def _channel_means(w: Tensor) -> Tensor:
+    return w.detach().float().reshape(w.shape[0], -1).mean(1)
 
 
 def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerReport], float]:
     """Quantize every layer's weight in place (a tied weight once); one report row each."""
     config = plan.config
     rows: list[LayerReport] = []
-    owner: dict[tuple, str] = {}  # storage view of the weight -> the layer that quantized it
-    private: dict[tuple, Tensor] = {}  # storage view in shared memory -> the private copy quantized instead
+    owner: dict[tuple, str] = {}  # storage view of the weight (before any change) -> the layer that quantized it
     start = time.perf_counter()
     for i, (name, layer) in enumerate(_progress(plan.layers, "vquant: quantizing weights", progress)):
         t0 = time.perf_counter()
@@ -354,35 +369,26 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
         row = LayerReport(name, type(layer).__name__, tuple(layer.weight.shape), bits, None, None,
                           None, None, 0.0, 0.0)
         rows.append(row)
-        key = storage_key(weight)
+        key = plan.views[name].key  # taken in _plan: a tensor in shared memory has moved to a private copy since
         if key in owner:
-            row.note = f"weight shared with {owner[key]!r}: quantized once"
-            if key in private:  # a second Parameter over the shared memory: it reads the quantized copy too
-                weight.data = private[key]
+            row.note, row.shared_with = f"weight shared with {owner[key]!r}: quantized once", owner[key]
             plan.written[name] = weight
             continue
-        _refuse_partial_overlap(name, weight, plan)
         owner[key] = name
-        if key in plan.readers:
-            row.note = (f"weight shared with {', '.join(map(repr, plan.readers[key]))} (not a quantized layer): it "
-                        "reads the quantized values too")
-        save_original(layer, source)
-        if weight.is_shared():
-            # shared memory (ddp_spawn on CPU, Hogwild): other processes read the same
-            # storage, so quantize a private copy and never write to the shared one
-            weight.data = private[key] = weight.detach().clone()
+        row.note = _join(_reader_note(plan, name), plan.notes.get(name, ""))
         before = layer.weight.detach().clone()  # what the forward uses, after any transform of _prepare
+        reference = plan.unclipped.get(name)  # weight_clip: the mean shift of the clip is corrected too
         if config.bn_bias_correction is not None:
-            plan.float_weights[name] = before
+            plan.float_weights[name] = before if reference is None else reference
         q, channel_bits = quantize_layer_weight(before, bits, config.rounding, config.backend,
                                                 config.bias_correction, config.bit_allocation,
-                                                config.bit_allocation_rule, config.bias_correction_rule)
+                                                config.bit_allocation_rule, config.bias_correction_rule, reference)
         weight.copy_(q)
         plan.written[name] = weight
         if source != "weight":  # pruned: the forward computes weight_orig * mask; keep `weight` in step now
             save_original(layer, "weight")
             layer.weight.copy_(q * layer.weight_mask)
-            row.note = f"pruned: {source} quantized, the mask kept"
+            row.note = _join(row.note, f"pruned: {source} quantized, the mask kept")
         if weight.is_cuda:
             torch.cuda.synchronize(weight.device)
         row.weight_mse = float((layer.weight.float() - before.float()).pow(2).mean())
@@ -395,22 +401,68 @@ def _quantize_weights(plan: _Plan, progress: bool | None) -> tuple[list[LayerRep
     return rows, time.perf_counter() - start
 
 
-def _bytes(t: Tensor) -> tuple[int, int]:
-    """`[first, end)` bytes of its storage that a tensor views."""
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-    return t.storage_offset() * t.element_size(), (t.storage_offset() + extent) * t.element_size()
+@dataclass(frozen=True)
+class _View:
+    """The memory a tensor views, taken before the run changes anything."""
+
+    key: tuple  # `storage_key`: equal for two tensors over the very same elements
+    storage: tuple  # (device, data pointer of its storage)
+    lo: int  # [lo, hi): the bytes of the storage it views
+    hi: int
+    shared: bool  # in shared memory: the run moves it to a private copy (`state.save_original`)
+
+    @classmethod
+    def of(cls, t: Tensor) -> "_View":
+        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+        lo = t.storage_offset() * t.element_size()
+        return cls(storage_key(t), (t.device, t.untyped_storage().data_ptr()), lo, lo + extent * t.element_size(),
+                   t.is_shared())
+
+    def overlaps(self, other: "_View") -> bool:
+        """Other elements of one storage, some of them in common."""
+        return (self.storage == other.storage and self.key != other.key and self.lo < other.hi
+                and other.lo < self.hi)
 
 
-def _refuse_partial_overlap(name: str, weight: Tensor, plan: _Plan) -> None:
+def _refuse_partial_overlap(views: dict[str, _View]) -> None:
     """Two weights over overlapping but different parts of one storage cannot both be quantized
     (views of one buffer that do not overlap, e.g. a fused weight split into layers, are fine)."""
-    lo, hi = _bytes(weight)
-    for other, tensor in plan.written.items():
-        if (tensor.device == weight.device and tensor.untyped_storage().data_ptr() ==
-                weight.untyped_storage().data_ptr() and storage_key(tensor) != storage_key(weight)
-                and _bytes(tensor)[0] < hi and lo < _bytes(tensor)[1]):
-            raise ValueError(f"the weights of layers {other!r} and {name!r} are different views of one storage: "
-                             "quantizing one changes the other; give each layer its own weight (clone it)")
+    seen: dict[tuple, list[tuple[str, _View]]] = {}
+    for name, view in views.items():
+        for other, earlier in seen.get(view.storage, []):
+            if view.overlaps(earlier):
+                raise ValueError(f"the weights of layers {other!r} and {name!r} are different views of one storage: "
+                                 "quantizing one changes the other; give each layer its own weight (clone it)")
+        seen.setdefault(view.storage, []).append((name, view))
+
+
+def _save_weights(plan: _Plan) -> None:
+    """Save every layer's weight before anything changes it, then each tensor of a module that is
+    not quantized over the very same memory: where that memory is shared (`state.save_original`),
+    every tensor over it moves to the one private copy the run writes."""
+    for name, layer in plan.layers:
+        save_original(layer, weight_source(name, layer))
+    for view in plan.views.values():
+        for _, module, attr, other in plan.readers.get(view.storage, []):
+            if view.shared and other.key == view.key:
+                save_original(module, attr)
+
+
+def _reader_note(plan: _Plan, name: str) -> str:
+    """What the parameters of modules that are not quantized see of this layer's quantized weight."""
+    view = plan.views[name]
+    readers = plan.readers.get(view.storage, [])
+    same = [repr(what) for what, _, _, other in readers if other.key == view.key]
+    part = [repr(what) for what, _, _, other in readers if other.overlaps(view)]
+    notes = []
+    if same:
+        notes.append(f"weight shared with {', '.join(same)} (not a quantized layer): it reads the quantized values "
+                     "too")
+    if part:
+        notes.append(f"weight overlaps part of {', '.join(part)} (not a quantized layer): " +
+                     ("in shared memory, so the layer quantizes a private copy and those keep the float values"
+                      if view.shared else "the overlapping elements hold the quantized values too"))
+    return "; ".join(notes)
 
 
 def _probe_shape(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) -> tuple[int, ...]:
@@ -441,6 +493,7 @@ def _check_written(model: nn.Module, plan: _Plan, probe: Tensor | Probe | None) 
             return
         seed = probe.seed if isinstance(probe, Probe) else plan.config.probe_seed
         one = probe[:1] if isinstance(probe, Tensor) else Probe(seed, (1, *shape[1:])).tensor((1, *shape[1:]))
+        plan.probe_read = True
         try:
             _run(model, one.to(first.weight.device, first.weight.dtype))
         except Exception as err:  # e.g. a model of token ids, which no float probe fits
@@ -584,7 +637,7 @@ def _correct_bias(model: nn.Module, plan: _Plan, hooks: list, rows: list[LayerRe
 
     quantizers = {name: hook.quantizer for (name, _), hook in zip(plan.layers, hooks)
                   if hook is not None and hook.quantizer is not None}
-    recomputed = {name: by for name, layer in plan.layers if (by := _recomputed_by(layer, "bias")) is not None}
+    recomputed = {name: by for name, layer in plan.layers if (by := recomputed_by(layer, "bias")) is not None}
     floats = {name: w for name, w in plan.float_weights.items() if name not in recomputed}
     done = correct_bias(model, floats, quantizers, activations=mode == "all", save=save_original)
     for (name, _), row in zip(plan.layers, rows):
@@ -592,6 +645,8 @@ def _correct_bias(model: nn.Module, plan: _Plan, hooks: list, rows: list[LayerRe
             row.note = _join(row.note, f"bias corrected ({mode})")
         elif name in recomputed:
             row.note = _join(row.note, f"bias recomputed on access ({recomputed[name]}): not bias corrected")
+        elif name in done.skipped:
+            row.note = _join(row.note, f"not bias corrected: {done.skipped[name]}")
 
 
 # -- commit -------------------------------------------------------------------------------
@@ -682,6 +737,7 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
         plan = _plan(model, config, probe, calibration)
         run = RunInfo(config, plan.backend, plan.probe_info)
         try:
+            _save_weights(plan)  # before any change: shared memory moves to private copies first
             if _prepare(model, plan, probe):  # the transforms changed the weights and BatchNorm parameters
                 if config.quantizes_activations and plan.method.uses_bn(config):
                     _bn_ranges(model, plan)
@@ -697,7 +753,25 @@ def quantize_model(model: nn.Module, *args: Any, **kwargs: Any) -> QuantReport:
             raise
         finally:
             _drop_compiled_code()
+    _warn_probe_unread(plan, call)
     return quantization_report(model)
+
+
+def _warn_probe_unread(plan: _Plan, call: dict[str, Any]) -> None:
+    """`probe`, `probe_seed` or `probe_shape` given (a value other than the default, or named
+    by the caller) to a run that drew no probe: a warning naming them (whether a run needs the
+    probe is known only once the BatchNorm ranges are traced)."""
+    config = plan.config
+    given = [f"{k}={getattr(config, k)!r}" for k in ("probe_seed", "probe_shape")
+             if k in call or getattr(config, k) != getattr(_DEFAULTS, k)]
+    if call.get("probe") is not None:
+        given.insert(0, "probe=")
+    if plan.probe_read or not given:
+        return
+    why = ("the activations stay float" if not config.quantizes_activations else
+           f"act_range {config.act_range!r} calibrates on the calibration= batches" if plan.method.calibrated else
+           "BatchNorm statistics ranged every layer input")
+    warnings.warn(f"{', '.join(given)} not used: no probe ran ({why}); drop it", stacklevel=3)
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -762,11 +836,7 @@ quantize_model.__signature__ = _SIGNATURE
 def _refuse_ignored(config: QuantConfig, call: dict[str, Any]) -> None:
     """A probe beside probe_seed/probe_shape, or calibration batches for a data-free range,
     would be ignored: an error instead."""
-    if call.get("probe") is not None:
-        given = [k for k in ("probe_seed", "probe_shape") if k in call or getattr(config, k) != getattr(_DEFAULTS, k)]
-        if given:
-            raise ValueError(f"probe= is given, so {', '.join(f'{k}={getattr(config, k)!r}' for k in given)} "
-                             "would be ignored; pass either probe= or probe_seed/probe_shape")
+    config.refuse_probe_beside(call.get("probe"), given=call)
     if call.get("calibration") is not None and not (config.quantizes_activations and METHODS[config.act_range].calibrated):
         raise ValueError(f"calibration= is used only by the data-driven act_range max/percentile/mse/entropy; with "
                          f"act_range={config.act_range!r}, act_bits={config.act_bits!r} it would be ignored")

@@ -1,6 +1,7 @@
 """What a quantization run did, layer by layer."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ class LayerReport:
     note: str = ""
     act_rule: str | None = None  # what ranged the input: "sigma", "bn", "aciq-laplace (BatchNorm)", "max", ...
     calls: int = 1  # calls of the layer in one forward (a shared block: more than one)
+    shared_with: str | None = None  # the layer whose weight this one shares (quantized there, once)
 
 
 @dataclass
@@ -79,13 +81,9 @@ class QuantReport:
 
     @property
     def num_weights(self) -> int:
-        total = 0
-        for layer in self.layers:
-            count = 1
-            for s in layer.weight_shape:
-                count *= s
-            total += count
-        return total
+        """Weight elements quantized, a weight shared by several layers counted once (as
+        `bit_budget` counts parameters)."""
+        return sum(math.prod(r.weight_shape) for r in self.layers if r.shared_with is None)
 
     def to_dict(self) -> dict:
         """Plain values (JSON-ready): the resolved settings, every layer and the totals."""
@@ -114,7 +112,8 @@ class QuantReport:
             rows.append(f"mixed precision: weight bits average {b['weight_average']:.4f} over "
                         f"{b['params']:,} parameters{acts}")
         rows.append(
-            f"{self.num_layers} layers, {self.num_weights:,} weights, W{self.weight_bits}"
+            f"{self.num_layers} layers, {self.num_weights:,} weights"
+            f"{' (a shared weight once)' if any(r.shared_with for r in self.layers) else ''}, W{self.weight_bits}"
             f"A{self.act_bits or 'float'} {self.rounding} on {self.backend}: weights "
             f"{self.weight_time_s * 1e3:.1f} ms, activation ranges {self.probe_time_s * 1e3:.1f} ms")
         return "\n".join(rows)

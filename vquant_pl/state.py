@@ -12,6 +12,12 @@ and stays restorable; `state_dict` keys do not change:
 A tensor shared by several modules -- one Parameter object, or two Parameters viewing the
 same storage (a tied checkpoint loaded with ``assign=True``) -- is saved (and restored)
 once: within one run, `save_original` remembers which storage views it already saved.
+
+A tensor in shared memory (``model.share_memory()``, ddp_spawn on CPU, Hogwild; every CUDA
+tensor counts, as `Tensor.is_shared` says) is never written: `save_original` keeps that very
+storage as the original and moves the tensor to a private copy, which the run then changes;
+restoring (or undoing a failed run) gives the storage back, so `data_ptr()` and
+`is_shared()` are as before.
 """
 from __future__ import annotations
 
@@ -86,8 +92,12 @@ def save_original(module: nn.Module, name: str) -> bool:
     """Keep the current value of `module.<name>` (a parameter or buffer) so that
     `restore_model` can put it back exactly. Call it before changing the tensor.
 
-    Returns False (and saves nothing) when that value is already saved, on this module or,
-    within the current run, through another module sharing the same tensor.
+    A tensor in shared memory is not copied: its storage is kept as the original and the
+    tensor moves to a private copy (so nothing writes the shared storage); within a run,
+    another tensor over that same storage view is moved to the same private copy.
+
+    Returns False (and keeps no new copy) when that value is already saved, on this module
+    or, within the current run, through another module sharing the same tensor.
 
     Example:
         >>> conv = nn.Conv2d(1, 1, 1)
@@ -99,22 +109,46 @@ def save_original(module: nn.Module, name: str) -> bool:
         raise TypeError(f"{type(module).__name__}.{name} is not a tensor")
     if tensor.is_meta:
         raise ValueError(f"{type(module).__name__}.{name} is on the meta device: it holds no values to save")
-    originals = module.__dict__.setdefault(ORIGINALS, {})
     run = _RUN_SAVED.get()
-    if name in originals:
+    if name in module.__dict__.get(ORIGINALS, {}):
         if run is not None and (module, name) not in run.changed and (id(module), name) not in run.kept:
             run.kept[(id(module), name)] = (module, name, tensor.detach().clone())  # saved before this run
             run.saved.setdefault(storage_key(tensor), tensor)
         return False
     if run is not None:
         key = storage_key(tensor)
-        if key in run.saved:
+        first = run.saved.get(key)
+        if first is not None:
+            if first.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+                _keep(module, name, tensor.detach())  # `first` moved to a private copy: this tensor follows it
+                tensor.data = first.data
+                run.changed.append((module, name))
             return False
         run.saved[key] = tensor
         run.changed.append((module, name))
     with torch.no_grad():
-        originals[name] = tensor.detach().clone()
+        if tensor.is_shared():
+            _keep(module, name, tensor.detach())  # the shared storage itself, never written
+            tensor.data = tensor.detach().clone()
+            if run is not None:  # the same Parameter reached through another module is saved already
+                run.saved[storage_key(tensor)] = tensor
+        else:
+            _keep(module, name, tensor.detach().clone())
     return True
+
+
+def _keep(module: nn.Module, name: str, value: Tensor) -> None:
+    module.__dict__.setdefault(ORIGINALS, {})[name] = value
+
+
+def _put_back(module: nn.Module, name: str, value: Tensor) -> None:
+    """Restore `module.<name>` from its original: an original in shared memory is the storage
+    the tensor had (`save_original`), given back; any other is copied in."""
+    tensor = getattr(module, name)
+    if value.is_shared():
+        tensor.data = value
+    else:
+        tensor.copy_(value)
 
 
 def originals(module: nn.Module) -> dict[str, Tensor]:
@@ -166,7 +200,7 @@ def undo_run(model: nn.Module) -> None:
     saved before it), and remove the run's input quantizers and layer states."""
     run = _RUN_SAVED.get()
     for module, name in reversed(run.changed if run is not None else []):
-        getattr(module, name).copy_(module.__dict__[ORIGINALS].pop(name))
+        _put_back(module, name, module.__dict__[ORIGINALS].pop(name))
         if not module.__dict__[ORIGINALS]:
             del module.__dict__[ORIGINALS]
     for module, name, value in (run.kept.values() if run is not None else []):
@@ -185,7 +219,7 @@ def restore_all(model: nn.Module) -> int:
         originals = module.__dict__.pop(ORIGINALS, None)
         held = module.__dict__.pop(LAYER, None) is not None or originals is not None
         for name, value in (originals or {}).items():
-            getattr(module, name).copy_(value)
+            _put_back(module, name, value)
         _remove_input_quantizers(module)
         count += held
     return count

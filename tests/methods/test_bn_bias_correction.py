@@ -1,4 +1,5 @@
 """Analytic bias correction from BatchNorm statistics (vquant_pl.methods.bn_bias_correction)."""
+import pytest
 import torch
 from torch import nn
 
@@ -87,3 +88,54 @@ def test_after_quantize_model_restore_model_undoes_the_correction():
     assert not torch.equal(net.fc.bias, before["fc.bias"])
     vq.restore_model(net)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+class SharedBn(nn.Module):
+    """Two bias-free convs normalized by one BatchNorm module (called twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16)
+        self.a = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn, self.head = nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            for bn in (self.bn0, self.bn):
+                bn.weight.uniform_(0.5, 2)
+                bn.bias.uniform_(0.5, 1.5)
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.stem(x)))
+        return self.head(torch.relu(self.bn(self.a(h))) + torch.relu(self.bn(self.b(h))))
+
+
+def test_a_batchnorm_shared_by_two_layers_gets_no_correction_and_says_so():
+    torch.manual_seed(0)
+    net = SharedBn()
+    mean = net.bn.running_mean.clone()
+    floats = {n: layer.weight.detach().clone() for n, layer in vq.quantizable_layers(net)}
+    with torch.no_grad():
+        net.a.weight.add_(0.01)
+        net.b.weight.sub_(0.02)
+    why = ("no bias, and its BatchNorm 'bn' is called 2 times in one forward (a running_mean shift would reach "
+           "every call)")
+    with pytest.warns(UserWarning) as caught:
+        done = correct_bias(net, floats, {}, save=vq.save_original)
+    assert [str(w.message) for w in caught] == [f"bias correction skipped layer(s) 'a': {why}; 'b': {why}"]
+    assert set(done) == {"head"} and done.skipped == {"a": why, "b": why}
+    assert torch.equal(net.bn.running_mean, mean)
+    vq.restore_model(net)
+    with torch.no_grad():
+        net.a.weight.copy_(floats["a"])
+        net.b.weight.copy_(floats["b"])
+    with pytest.warns(UserWarning, match="bias correction skipped layer"):
+        report = vq.quantize_model(net, 4, None, bn_bias_correction="weights")
+    assert torch.equal(net.bn.running_mean, mean)
+    assert {r.name: "bias corrected (weights)" in r.note for r in report.layers} == {
+        "stem": False, "a": False, "b": False, "head": True}
+    notes = {r.name: r.note for r in report.layers}
+    assert f"not bias corrected: {why}" in notes["a"] and f"not bias corrected: {why}" in notes["b"]
+    vq.restore_model(net)

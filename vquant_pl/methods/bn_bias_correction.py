@@ -14,6 +14,9 @@ Each changed tensor is saved first, so `restore_model` undoes it.
 """
 from __future__ import annotations
 
+import warnings
+from collections import Counter
+
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -23,7 +26,7 @@ from ..state import SaveFn, save_original
 from .bn_graph import LeafTracer, bn_stats
 from .bn_mse import sample_stats
 
-__all__ = ["correct_bias", "expected_shift"]
+__all__ = ["Corrections", "correct_bias", "expected_shift"]
 
 
 
@@ -44,20 +47,35 @@ def expected_shift(layer: nn.Module, float_weight: Tensor, quant_weight: Tensor,
     return yq - yf
 
 
-def _following_bn(graph: fx.Graph, modules: dict) -> dict[str, str]:
-    """Layer name -> the BatchNorm that is its only user."""
-    out = {}
+def _following_bn(graph: fx.Graph, modules: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(layer name -> the BatchNorm that is its only user and is called once, layer name -> why
+    not, where that BatchNorm is called more than once: a running_mean shift would reach every call)."""
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    following, blocked = {}, {}
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], QUANTIZABLE) and len(node.users) == 1:
             (user,) = node.users
             if user.op == "call_module" and isinstance(modules[user.target], BATCHNORMS) and user.args[:1] == (node,):
-                out[node.target] = user.target
-    return out
+                if calls[user.target] == 1:
+                    following[node.target] = user.target
+                else:
+                    blocked[node.target] = (f"its BatchNorm {user.target!r} is called {calls[user.target]} times "
+                                            "in one forward (a running_mean shift would reach every call)")
+    return following, blocked
+
+
+class Corrections(dict[str, Tensor]):
+    """`{layer name: the correction subtracted from its output}`; `skipped`: `{layer name: why}`
+    for each layer without a bias whose correction had nowhere to go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, str] = {}
 
 
 @torch.no_grad()
 def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers: dict[str, object],
-                 activations: bool = True, save: SaveFn | None = None, samples: int = 256) -> dict[str, Tensor]:
+                 activations: bool = True, save: SaveFn | None = None, samples: int = 256) -> Corrections:
     """Remove the expected output shift of each quantized layer, in place.
 
     Args:
@@ -69,7 +87,10 @@ def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers:
         samples: seeded draws per channel for the expectations.
 
     Returns:
-        `{layer name: the correction subtracted from its output}` for every corrected layer.
+        `{layer name: the correction subtracted from its output}` for every corrected layer
+        (a `Corrections`); its `skipped` maps each layer without a bias whose correction had
+        nowhere to go to the reason, and one warning names them. A layer without a bias whose
+        BatchNorm is called more than once per forward (shared by several paths) is skipped.
 
     Example:
         >>> import torch, vquant_pl as vq
@@ -88,12 +109,12 @@ def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers:
     modules = dict(model.named_modules())
     names = [n for n in float_weights if n in modules]
     stats = bn_stats(model, names, QUANTIZABLE)
+    done = Corrections()
     try:
         graph = LeafTracer(QUANTIZABLE + BATCHNORMS).trace(model)
     except Exception:
-        return {}
-    following = _following_bn(graph, modules)
-    done = {}
+        return done
+    following, blocked = _following_bn(graph, modules)
     for name in names:
         layer, s = modules[name], stats.get(name)
         if s is None or isinstance(s, str):
@@ -105,16 +126,21 @@ def correct_bias(model: nn.Module, float_weights: dict[str, Tensor], quantizers:
         q = quantizers.get(name) if activations else None
         mean_quant = mean_float if q is None else _quantize_channels(q, x).mean(1)
         shift = expected_shift(layer, float_weights[name], layer.weight, mean_float, mean_quant)
+        bn = modules[following[name]] if name in following else None
         if getattr(layer, "bias", None) is not None:
             save(layer, "bias")
             layer.bias.sub_(shift.to(layer.bias.dtype))
-        elif name in following and modules[following[name]].running_mean is not None:
-            bn = modules[following[name]]
+        elif bn is not None and bn.running_mean is not None:
             save(bn, "running_mean")
             bn.running_mean.add_(shift.to(bn.running_mean.dtype))
         else:
+            if name in blocked:
+                done.skipped[name] = f"no bias, and {blocked[name]}"
             continue
         done[name] = shift
+    if done.skipped:
+        warnings.warn("bias correction skipped layer(s) " + "; ".join(f"{n!r}: {why}" for n, why in done.skipped.items()),
+                      stacklevel=3)
     return done
 
 

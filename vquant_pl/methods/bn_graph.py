@@ -5,7 +5,9 @@ the producing BatchNorm's per-channel output distribution `(mean = beta, std = |
 carried through ReLU/ReLU6 (clip), pooling, identity/dropout/flatten/view, residual add (sum
 of means, root-sum-square of stds) and channel concat. The range is
 `[max(lo_clip, beta - k|gamma|), min(hi_clip, beta + k|gamma|)]` per channel, widest channel
-for the tensor. Where the trace or the propagation fails, the layer gets a reason instead.
+for the tensor. A BatchNorm that applies an activation itself (timm's `BatchNormAct2d`) is
+clipped as by a following ReLU / ReLU6 / Hardtanh module; any other activation inside it
+gives a reason. Where the trace or the propagation fails, the layer gets a reason instead.
 """
 from __future__ import annotations
 
@@ -41,6 +43,27 @@ class ChannelStats:
         return ChannelStats(self.mean, self.std, max(self.lo, lo), min(self.hi, hi))
 
 
+def bn_activation(bn: nn.Module) -> tuple[float, float] | str | None:
+    """What a BatchNorm module applies after normalizing: None for nothing (torch's own forward,
+    or Identity / Dropout as timm's `BatchNormAct2d` `.drop` and `.act`), the (lo, hi) of a
+    ReLU / ReLU6 / Hardtanh `.act` (a clip), else the reason (naming the activation) that it
+    is neither."""
+    if type(bn).forward.__module__.startswith("torch.nn."):
+        return None
+    parts = [getattr(bn, a) for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
+    if not parts:
+        return "has a forward of its own"
+    lo, hi = -math.inf, math.inf
+    for part in parts:
+        if isinstance(part, nn.ReLU):
+            lo = max(lo, 0.0)
+        elif isinstance(part, nn.Hardtanh):  # ReLU6 included
+            lo, hi = max(lo, float(part.min_val)), min(hi, float(part.max_val))
+        elif not isinstance(part, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+            return f"applies {type(part).__name__} after normalizing"
+    return None if (lo, hi) == (-math.inf, math.inf) else (lo, hi)
+
+
 class LeafTracer(fx.Tracer):
     def __init__(self, leaves: tuple):
         super().__init__()
@@ -61,7 +84,12 @@ def _stats(node, modules, memo):
         if isinstance(m, BATCHNORMS):
             gamma = m.weight.detach().float() if m.affine else torch.ones(m.num_features)
             beta = m.bias.detach().float() if m.affine else torch.zeros(m.num_features)
-            result = ChannelStats(beta, gamma.abs())
+            after = bn_activation(m)
+            if isinstance(after, str):
+                result = f"its BatchNorm {node.target!r} ({type(m).__name__}) {after}"
+            else:
+                result = ChannelStats(beta, gamma.abs())
+                result = result if after is None else result.clipped(*after)
         elif isinstance(m, nn.ReLU6):
             result = _clip(first, modules, memo, 0.0, 6.0)
         elif isinstance(m, nn.ReLU):
@@ -77,15 +105,19 @@ def _stats(node, modules, memo):
             result = _clip(first, modules, memo, 0.0, 6.0)
         elif node.target in (operator.add, operator.iadd, torch.add) and len(node.args) >= 2:
             a, b = (_stats(n, modules, memo) if isinstance(n, fx.Node) else None for n in node.args[:2])
-            if a is not None and b is not None and a.mean.shape == b.mean.shape:
+            if isinstance(a, ChannelStats) and isinstance(b, ChannelStats) and a.mean.shape == b.mean.shape:
                 result = ChannelStats(a.mean + b.mean, torch.sqrt(a.std ** 2 + b.std ** 2),
                                       a.lo + b.lo, a.hi + b.hi)
+            else:
+                result = _reason(a, b)
         elif node.target is torch.cat:
             parts = [_stats(n, modules, memo) for n in node.args[0]]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if dim == 1 and all(p is not None for p in parts):
+            if dim == 1 and all(isinstance(p, ChannelStats) for p in parts):
                 result = ChannelStats(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]),
                                       min(p.lo for p in parts), max(p.hi for p in parts))
+            elif dim == 1:
+                result = _reason(*parts)
         elif node.target in _PASS_FUNCTIONS and first is not None:
             result = _stats(first, modules, memo)
     elif node.op == "call_method":
@@ -99,7 +131,12 @@ def _stats(node, modules, memo):
 
 def _clip(node, modules, memo, lo, hi):
     s = _stats(node, modules, memo) if node is not None else None
-    return None if s is None else s.clipped(lo, hi)
+    return s.clipped(lo, hi) if isinstance(s, ChannelStats) else s
+
+
+def _reason(*parts) -> str | None:
+    """The first reason among the inputs of a node that gets no statistics."""
+    return next((p for p in parts if isinstance(p, str)), None)
 
 
 def stats_range(s: ChannelStats, k: float) -> tuple[float, float, bool]:
@@ -116,8 +153,8 @@ def bn_call_stats(model: nn.Module, layer_names: list[str],
     """For each layer name, one entry per call of the layer in the traced forward (a shared
     block is called more than once): the per-channel statistics of that call's input carried
     from BatchNorm, or the reason there are none; a reason for the layer when the trace fails."""
-    try:
-        graph = LeafTracer(leaves).trace(model)
+    try:  # BatchNorm subclasses stay leaves too: `bn_activation` reads what they apply
+        graph = LeafTracer(leaves + BATCHNORMS).trace(model)
     except Exception as err:
         return {name: f"fx trace failed ({type(err).__name__})" for name in layer_names}
     modules = dict(model.named_modules())
@@ -135,7 +172,7 @@ def bn_call_stats(model: nn.Module, layer_names: list[str],
         out[name] = []
         for node in nodes:
             s = _stats(node.args[0], modules, memo) if node.args and isinstance(node.args[0], fx.Node) else None
-            out[name].append("input not produced by a BatchNorm" if s is None else s)
+            out[name].append("input not produced by a BatchNorm" if s is None else s)  # or the reason
     return out
 
 

@@ -20,19 +20,31 @@ weight), the scale is `f_i ∝ w_i^(1 - alpha) / a_i^alpha` (`alpha = 0.5` is DF
 cross-layer equalization), normalized so that the widest channel keeps its range. When
 every consumer is depthwise (its per-channel weight quantization is scale-invariant) the
 activation is fully equalized (`alpha = 1`).
+
+A BatchNorm that applies an activation itself (timm's `BatchNormAct2d`) is a producer when
+its `.act` is Identity or ReLU (a stream), or ReLU / ReLU6 / Hardtanh(0, H) (a clipped pair,
+as with the separate module). A group is found but skipped (`EqualizationGroup.skipped`
+says why, and `equalize` warns) when scaling it would change the float network or would not
+last: any other activation inside a producer, a producer or consumer called more than once
+per forward, a tensor it scales that shares memory with another tensor of the model, one
+recomputed on access (pruning, a parametrization), or a Linear consumer that does not read
+the BatchNorm's channel dimension.
 """
 from __future__ import annotations
 
 import math
 import operator
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
+
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..layers import BATCHNORMS, QUANTIZABLE, is_depthwise, per_input_channel
+from ..layers import BATCHNORMS, QUANTIZABLE, is_depthwise, per_input_channel, recomputed_by
 from ..state import SaveFn, save_original
-from .bn_graph import LeafTracer
+from .bn_graph import LeafTracer, bn_activation
 
 __all__ = ["EqualizationGroup", "equalize", "find_groups"]
 
@@ -42,11 +54,13 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 @dataclass
 class EqualizationGroup:
     """BatchNorm producers whose (summed) output channels feed only `consumers`; `clip` is
-    the (lo, hi) of the activation in between, or None for a linear stream."""
+    the (lo, hi) of the activation in between, or None for a linear stream; `skipped` the
+    reason it is left unequalized, or None."""
 
     producers: list[str]
     consumers: list[str]
     clip: tuple[float, float] | None = None
+    skipped: str | None = None
     scales: Tensor | None = field(default=None, repr=False)  # set by `equalize`
 
 
@@ -105,8 +119,61 @@ def _stream(start: fx.Node, modules: dict) -> tuple[list[str], list[str]] | None
     return producers, consumers
 
 
+def _memory(model: nn.Module) -> dict[tuple, list[tuple[str, int, int]]]:
+    """(device, storage) -> (name, first byte, end byte) of every parameter and buffer of `model`."""
+    out: dict[tuple, list[tuple[str, int, int]]] = {}
+    for owner, module in model.named_modules():
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                out.setdefault(_storage(t), []).append((f"{owner}.{name}" if owner else name, *_bytes(t)))
+    return out
+
+
+def _storage(t: Tensor) -> tuple:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _bytes(t: Tensor) -> tuple[int, int]:
+    """The byte range of its storage that `t` views."""
+    start = t.storage_offset()
+    end = start + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else start
+    return start * t.element_size(), end * t.element_size()
+
+
+def _why_skipped(group: EqualizationGroup, modules: dict, calls: Counter, memory: dict) -> str | None:
+    """Why scaling `group` would change the float network or would not last, naming the layers; None if safe."""
+    for name in group.producers:  # what a BatchNorm applies itself: nothing, ReLU, or the group's clip from 0
+        after = bn_activation(modules[name])
+        if after is None or after == (0.0, math.inf) or (after == group.clip and after[0] == 0.0):
+            continue
+        what = after if isinstance(after, str) else f"clips to [{after[0]}, {after[1]}] after normalizing"
+        return f"BatchNorm {name!r} ({type(modules[name]).__name__}) {what}"
+    for name in group.producers + group.consumers:
+        if calls[name] > 1:
+            return f"{name!r} is called {calls[name]} times in one forward"
+    for name in group.consumers:
+        layer = modules[name]
+        if isinstance(layer, nn.Linear) and not all(isinstance(modules[p], nn.BatchNorm1d) and
+                                                    modules[p].num_features == layer.in_features
+                                                    for p in group.producers):
+            return f"Linear {name!r} reads its input's last dimension, BatchNorm(s) {group.producers} scale dimension 1"
+    tensors = [(p, a) for p in group.producers for a in ("weight", "bias")] + [(c, "weight") for c in group.consumers]
+    for name, attr in tensors:
+        by = recomputed_by(modules[name], attr)
+        if by is not None:
+            return f"'{name}.{attr}' is recomputed on access ({by})"
+        t = getattr(modules[name], attr)
+        start, end = _bytes(t)
+        shared = [other for other, lo, hi in memory.get(_storage(t), [])
+                  if other != f"{name}.{attr}" and lo < end and start < hi]
+        if shared:
+            return f"'{name}.{attr}' shares memory with {shared}"
+    return None
+
+
 def find_groups(model: nn.Module) -> list[EqualizationGroup]:
-    """Every equalizable group of `model` (see the module docstring), in graph order.
+    """Every equalizable group of `model` (see the module docstring), in graph order; a group
+    that is found but unsafe to scale carries the reason in `skipped`.
 
     Raises:
         RuntimeError: when torch.fx cannot trace the model.
@@ -116,26 +183,33 @@ def find_groups(model: nn.Module) -> list[EqualizationGroup]:
     except Exception as err:
         raise RuntimeError(f"equalization needs a torch.fx trace of {type(model).__name__}: {err}") from err
     modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    memory = _memory(model)
     groups, done = [], set()
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], BATCHNORMS) or node in done:
+        if node.op != "call_module" or not isinstance(modules[node.target], BATCHNORMS) or node.target in done:
             continue
         bn = modules[node.target]
         if not bn.affine or bn.weight is None:
             continue
+        group = None
         found = _stream(node, modules)
         if found is not None:
             producers, consumers = found
-            done.update(n for n in graph.nodes if n.op == "call_module" and n.target in producers)
+            done.update(producers)
+            after = bn_activation(bn) if len(producers) == 1 else None
             if consumers and all(modules[p].affine for p in producers):
-                groups.append(EqualizationGroup(producers, sorted(set(consumers), key=consumers.index)))
-            continue
-        users = list(node.users)
-        if len(users) != 1 or _clip_of(users[0], modules) is None:
-            continue
-        act = users[0]
-        if act.users and all(_consumer(act, u, modules) for u in act.users):
-            groups.append(EqualizationGroup([node.target], [u.target for u in act.users], _clip_of(act, modules)))
+                group = EqualizationGroup(producers, sorted(set(consumers), key=consumers.index),
+                                          after if isinstance(after, tuple) else None)
+        elif bn_activation(bn) is None:
+            users = list(node.users)
+            act = users[0] if len(users) == 1 and _clip_of(users[0], modules) is not None else None
+            if act is not None and act.users and all(_consumer(act, u, modules) for u in act.users):
+                group = EqualizationGroup([node.target], [u.target for u in act.users], _clip_of(act, modules))
+        if group is not None:
+            done.update(group.producers)
+            group.skipped = _why_skipped(group, modules, calls, memory)
+            groups.append(group)
     return groups
 
 
@@ -174,7 +248,9 @@ def equalize(model: nn.Module, alpha: float = 0.5, k: float = 4.0, max_scale: fl
         groups: the groups to equalize (default `find_groups(model)`).
 
     Returns:
-        The groups, each with its per-channel `scales` (activation multiplied by them).
+        The groups, each with its per-channel `scales` (activation multiplied by them), or
+        with `skipped` set (and `scales` None) where it was left unequalized. One warning
+        names the skipped groups and their reasons, and says why when nothing was equalized.
 
     Raises:
         ValueError: on alpha outside [0, 1] or non-positive k / max_scale.
@@ -195,6 +271,8 @@ def equalize(model: nn.Module, alpha: float = 0.5, k: float = 4.0, max_scale: fl
     modules = dict(model.named_modules())
     groups = find_groups(model) if groups is None else groups
     for group in groups:
+        if group.skipped is not None:
+            continue
         bns = [modules[p] for p in group.producers]
         layers = [modules[c] for c in group.consumers]
         mean = sum(bn.bias.detach().float() for bn in bns)
@@ -229,4 +307,23 @@ def equalize(model: nn.Module, alpha: float = 0.5, k: float = 4.0, max_scale: fl
             w = layer.weight
             w.copy_((w.float().reshape(shape) / view).reshape(w.shape).to(w.dtype))
         group.scales = f
+    _warn_skipped(model, groups, modules)
     return groups
+
+
+def _warn_skipped(model: nn.Module, groups: list[EqualizationGroup], modules: dict) -> None:
+    """One warning naming every skipped group and its reason, and why nothing was equalized."""
+    skipped = "; ".join(f"{g.producers} -> {g.consumers}: {g.skipped}" for g in groups if g.skipped is not None)
+    if any(g.scales is not None for g in groups):
+        if skipped:
+            warnings.warn(f"equalize skipped {sum(g.skipped is not None for g in groups)} of {len(groups)} "
+                          f"group(s): {skipped}", stacklevel=4)
+        return
+    if skipped:
+        why = f"every group was skipped: {skipped}"
+    elif not any(isinstance(m, BATCHNORMS) and m.affine for m in modules.values()):
+        why = "it has no affine BatchNorm"
+    else:
+        why = ("no BatchNorm output feeds only quantizable layers (directly, through residual adds, or through "
+               "one ReLU / ReLU6 / Hardtanh(0, H))")
+    warnings.warn(f"equalize changed nothing in {type(model).__name__}: {why}", stacklevel=4)
