@@ -850,3 +850,16 @@ def test_a_weight_over_part_of_another_modules_parameter_is_noted(shared):
     vq.restore_model(net)
     _assert_same(net, floats)
     assert net.emb.weight.untyped_storage().data_ptr() == ptr == net.fc.weight.untyped_storage().data_ptr()
+
+
+def test_an_all_negative_input_below_6_bits_is_an_error_naming_the_layer():
+    """The sigma rule clips alpha to max(x) below 6 bits: with every value negative that
+    was an inverted range, and every output one constant."""
+    with pytest.raises(ValueError, match=r"every value is negative \(max -1"):
+        vq.sigma_range(-torch.rand(64) - 1, 4, 12.0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(0.0)
+        net[0].bias.fill_(-1.0)
+    with pytest.raises(ValueError, match=r"layer '1': every value is negative"):
+        vq.quantize_model(net, 4, 4, act_range="sigma", probe=torch.rand(2, 3, 8, 8))

@@ -61,12 +61,12 @@ class InputQuantizer:
             self._check_finite(x)
             try:
                 lo, hi, signed = self.ranger(x, self.bits)
+                q = self.quantizer
+                if q is not None:  # called again in the same forward: the range covers every call
+                    lo, hi, signed = union_range([(lo, hi, signed), (q.lo, q.hi, q.signed)])
+                self.quantizer = ActivationQuantizer(self.bits, lo, hi, signed)
             except ValueError as err:
                 raise ValueError(f"layer {self.name!r}: {err}") from None
-            q = self.quantizer
-            if q is not None:  # called again in the same forward: the range covers every call
-                lo, hi, signed = union_range([(lo, hi, signed), (q.lo, q.hi, q.signed)])
-            self.quantizer = ActivationQuantizer(self.bits, lo, hi, signed)
         elif self.quantizer is None:
             return None  # never reached while ranging: the input stays float
         return (self.quantizer(x), *args[1:])

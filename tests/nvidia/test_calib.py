@@ -152,3 +152,67 @@ def test_calibrate_weights():
         calibrate_weights(layer, method="max", perchannel=False)
     with pytest.raises(TypeError, match="Unsupported calibration method 'entropy'"):
         calibrate_weights(layer, method="entropy")
+
+
+@pytest.mark.parametrize("axis", [4, -5, (0, 7)])
+def test_an_axis_out_of_range_is_an_index_error_not_wrapped(axis):
+    """Review defect 4: axis 4 of a 4-D tensor wrapped to 0."""
+    from vquant_pl.nvidia.quant_modules import TensorQuantizer
+    from vquant_pl.nvidia.tensor_quant import QuantDescriptor
+
+    x = torch.randn(3, 4, 5, 6)
+    bad = axis[1] if isinstance(axis, tuple) else axis
+    with pytest.raises(IndexError, match=rf"axis {bad} is out of range for a tensor of 4 dims \(expected in range "
+                                         r"\[-4, 3\]\)"):
+        MaxCalibrator(8, axis, False).collect(x)
+    with pytest.raises(IndexError, match=f"axis {bad} is out of range"):
+        TensorQuantizer(QuantDescriptor(axis=axis))(x)
+    assert MaxCalibrator(8, -4, False).compute_amax() is None  # in range: fine
+    calib = MaxCalibrator(8, -4, False)
+    calib.collect(x)
+    assert calib.compute_amax().shape == (3, 1, 1, 1)
+
+
+@pytest.mark.parametrize("torch_hist", [True, False])
+def test_zeros_first_then_data_is_the_histogram_of_both(torch_hist):
+    """Review defect 10: an all-zero first tensor, then data, was an OverflowError."""
+    x = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    parts = HistogramCalibrator(8, None, False, torch_hist=torch_hist)
+    parts.collect(torch.zeros(100))
+    parts.collect(x)
+    once = _hist(torch.cat([torch.zeros(100), x]), torch_hist=torch_hist)
+    for method in ("percentile", "mse", "entropy"):
+        assert parts.compute_amax(method) == once.compute_amax(method)
+    zeros = _hist(torch.zeros(10), torch_hist=torch_hist)
+    assert [zeros.compute_amax(m).item() for m in ("percentile", "mse", "entropy")] == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_histogram_refuses_nan_and_inf(bad):
+    calib = _hist(torch.rand(1000))
+    with pytest.raises(ValueError, match="HistogramCalibrator.collect: the tensor holds NaN or infinite values"):
+        calib.collect(torch.tensor([0.5, bad]))  # NaN was dropped silently
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        _hist(torch.tensor([1.0, bad]))
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "max"])
+def test_calibrate_weights_gives_an_all_zero_channel_amax_zero(method):
+    """Review defect 10: mse raised "amax must be >= 0, got a minimum of -0.437" (a histogram over -0.5..0.5)."""
+    from vquant_pl.nvidia.quant_modules import QuantConv2d
+
+    layer, plain = QuantConv2d(2, 3, 3), QuantConv2d(2, 3, 3)
+    with torch.no_grad():
+        layer.weight[1] = 0
+        plain.weight.copy_(layer.weight)
+        plain.weight[1] = layer.weight[0]  # the other channels' amax does not depend on channel 1
+    calibrate_weights(layer, method)
+    calibrate_weights(plain, method)
+    amax = layer.weight_quantizer.amax.flatten()
+    assert amax[1].item() == 0.0 and torch.equal(amax[[0, 2]], plain.weight_quantizer.amax.flatten()[[0, 2]])
+    with torch.no_grad():
+        layer.weight[2, 0, 0, 0] = float("nan")
+    if method != "max":
+        with pytest.raises(ValueError, match=r"weight of 'QuantConv2d' holds NaN or infinite values \(output "
+                                             r"channel 2\)"):
+            calibrate_weights(layer, method)

@@ -187,3 +187,92 @@ def test_histogram_descriptor_needs_a_method():
     assert q.amax.item() == 1841 * 99 / 2048
     with pytest.raises(NotImplementedError, match="per tensor only"):
         TensorQuantizer(QuantDescriptor(calib_method="histogram", axis=0))
+
+
+def test_initialize_inside_quantized_layers_still_restores_the_float_classes():
+    """Review defect 5: the Quant class was recorded as the original."""
+    original_conv, original_linear = nn.Conv2d, nn.Linear
+    try:
+        with quantized_layers():
+            initialize()
+            initialize()  # again: a no-op for what is already swapped
+        assert nn.Conv2d is QuantConv2d  # initialize() holds after the block
+    finally:
+        deactivate()
+    assert nn.Conv2d is original_conv and nn.Linear is original_linear and quant_modules._ORIGINALS == {}
+    try:
+        initialize()
+        with quantized_layers():
+            deactivate()
+        assert nn.Conv2d is original_conv  # a deactivate() inside the block holds too
+        with quantized_layers():
+            with quantized_layers():
+                pass
+            assert nn.Conv2d is QuantConv2d  # nested blocks
+    finally:
+        deactivate()
+    assert nn.Conv2d is original_conv and nn.Linear is original_linear
+
+
+def test_initialize_checks_every_entry_before_swapping_anything():
+    original_conv, original_linear = nn.Conv2d, nn.Linear
+    with pytest.raises(AttributeError, match="custom_quant_modules: 'torch.nn' has no attribute 'NoSuchLayer' "
+                                             r"\(nothing was swapped\)"):
+        initialize(custom_quant_modules=[(nn, "NoSuchLayer", QuantLinear)])
+    with pytest.raises(TypeError, match=r"\(module, name, replacement\) triples"):
+        initialize(custom_quant_modules=[(nn, "Linear")])
+    assert nn.Conv2d is original_conv and nn.Linear is original_linear and quant_modules._ORIGINALS == {}
+
+
+def test_calibrate_refuses_a_method_that_no_calibrator_uses():
+    """Review defect 6: method="percentile" on max calibrators was ignored (amax stayed the max)."""
+    layer = QuantLinear(16, 4)  # max calibrators only
+    x = torch.randn(256, 16)
+    with pytest.raises(TypeError, match=r"calibrate\(method='percentile', percentile=99.0\): every quantizer has a "
+                                        r"max calibrator, which computes the max only \(\['_input_quantizer', "
+                                        r"'_weight_quantizer'\]\)"):
+        calibrate(layer, [x], method="percentile", percentile=99.0)
+    assert layer.input_quantizer.amax is None  # refused before any batch ran
+    hist = QuantLinear(16, 4, quant_desc_input=QuantDescriptor(calib_method="histogram"))
+    with pytest.raises(TypeError, match=r"method='max': the histogram calibrators of \['_input_quantizer'\]"):
+        calibrate(hist, [x], method="max")
+    calibrate(hist, [x], method="percentile", percentile=99.0)  # weights: max, as NVIDIA's compute_amax recipe
+    assert torch.equal(hist.weight_quantizer.amax, hist.weight.detach().abs().amax(1, keepdim=True))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_calibrate_runs_in_eval_mode_and_restores_each_training_flag(fail):
+    """Review defect 8: in train mode BatchNorm running statistics moved during calibration."""
+    model = nn.Sequential(QuantConv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    model.train()
+    model[2].eval()
+    stats = model[1].running_mean.clone(), model[1].running_var.clone(), model[1].num_batches_tracked.clone()
+    seen = []
+
+    def batches():
+        seen.append(model[1].training)
+        yield torch.randn(8, 3, 8, 8) + 3
+        if fail:
+            raise RuntimeError("loader failed")
+
+    if fail:
+        with pytest.raises(RuntimeError, match="loader failed"):
+            calibrate(model, batches())
+    else:
+        calibrate(model, batches())
+    assert seen == [False]
+    assert all(torch.equal(a, b) for a, b in zip(stats, (model[1].running_mean, model[1].running_var,
+                                                          model[1].num_batches_tracked)))
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False]
+
+
+def test_fixed_per_channel_clip_has_a_backward():
+    """Review defect 9: only a bound that needs a gradient must be a scalar (as NVIDIA's)."""
+    from vquant_pl.nvidia.quant_modules import Clip
+
+    x = torch.tensor([0.5, 3.0], requires_grad=True)
+    Clip(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]))(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0]
+    learned = Clip(torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"Learnable min value must be scalar, got size \(2,\)"):
+        learned(torch.tensor([0.5, 3.0], requires_grad=True)).sum().backward()

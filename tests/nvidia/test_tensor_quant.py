@@ -144,3 +144,15 @@ def test_tensor_quant_imports_as_the_module_like_nvidias():
     import vquant_pl
 
     assert vquant_pl.tensor_quant is tensor_quant  # the top level keeps the function (documented API)
+
+
+def test_signed_one_bit_is_refused_where_nvidia_gives_nan():
+    """Review defect 7: max_bound 2^0 - 1 = 0, scale 0, codes / scale = NaN."""
+    x = torch.tensor([0.5, -0.5, 1.0])
+    for quant in (tensor_quant, fake_tensor_quant):
+        with pytest.raises(ValueError, match="signed quantization needs num_bits >= 2, got 1"):
+            quant(x, 1.0, num_bits=1)
+    with pytest.raises(ValueError, match="signed quantization needs num_bits >= 2, got 1"):
+        QuantDescriptor(num_bits=1)
+    assert QuantDescriptor(num_bits=1, unsigned=True).num_bits == 1
+    assert fake_tensor_quant(x.abs(), 1.0, num_bits=1, unsigned=True).tolist() == [0.0, 0.0, 1.0]  # 0.5: even

@@ -316,3 +316,43 @@ def test_cpu_kernel_results_do_not_depend_on_the_threads():
             assert all(torch.equal(a, b) for a, b in zip(one, many))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("lo,hi,match", [(float("nan"), 4.0, r"\[nan, 4.0\] must be finite"),
+                                         (0.0, float("inf"), r"\[0.0, inf\] must be finite"),
+                                         (6.0, 0.0, r"\[6.0, 0.0\] is inverted \(lo > hi\)"),
+                                         (-3e38, 3e38, r"\[-3e\+38, 3e\+38\] overflows float32")])
+def test_activation_ranges_that_give_nan_or_constants_are_refused(lo, hi, match):
+    """Review defect 2: NaN / inf / inverted ranges returned NaN or a constant silently."""
+    x = torch.tensor([-1.0, 0.0, 0.5, 2.0, 5.0])
+    with pytest.raises(ValueError, match="activation range " + match):
+        vq.fake_quant_activation(x, 4, lo, hi, False)
+    with pytest.raises(ValueError, match="activation range " + match):
+        ActivationQuantizer(4, torch.tensor(lo), torch.tensor(hi), True)
+    with pytest.raises(ValueError, match=r"activation range .*\(channel 1\) " + match.split("] ")[-1]):
+        ChannelActivationQuantizer(torch.tensor([4, 4]), torch.tensor([0.0, lo]), torch.tensor([1.0, hi]), False)
+    assert vq.fake_quant_activation(x, 4, 0.0, 0.0, False).isfinite().all()  # a zero-width range stays valid
+
+
+def test_python_and_fake_operators_check_what_the_native_ones_check():
+    """Review defect 3: vquant_py.squant_round took bits=0 (codes -0.5); the fake took fp16."""
+    codes = torch.randn(2, 3, 9)
+    for ns in _namespaces():
+        for bits in (0, 17):
+            with pytest.raises(RuntimeError, match=f"squant_round: bits must lie in 1..16, got {bits}"):
+                ns.squant_round(codes, bits, True, True)
+        with pytest.raises(RuntimeError, match="must be float32"):
+            ns.squant_round(codes.half(), 4, True, True)
+        with pytest.raises(RuntimeError, match="q_min 3 > q_max 2"):
+            ns.fake_quant(torch.randn(4), 1.0, 0.0, 3, 2)
+    meta = torch.empty(4, 3, 9, device="meta")
+    ops = [torch.ops.vquant_py.squant_round] + ([torch.ops.vquant.squant_round, torch.ops.vquant.squant_weight]
+                                                if NATIVE else [])
+    for op in ops:
+        assert op(meta, 4, True, True).shape == meta.shape
+        with pytest.raises(RuntimeError, match="must be float32"):
+            op(meta.half(), 4, True, True)
+        with pytest.raises(RuntimeError, match="bits must lie in 1..16, got 0"):
+            op(meta, 0, True, True)
+    with pytest.raises(RuntimeError, match="q_min 3 > q_max 2"):
+        torch.ops.vquant_py.fake_quant(torch.empty(4, device="meta"), 1.0, 0.0, 3, 2)

@@ -103,3 +103,35 @@ def test_bad_rounding_and_inputs():
         vq.quantize_weight(torch.tensor([[1.0, float("nan")]]), 4)
     with pytest.raises(ValueError, match="unknown backend 'fpga'"):
         vq.quantize_weight(torch.randn(4, 4), 4, backend="fpga")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_range_that_overflows_float32_is_refused_not_turned_into_nan(backend):
+    """Review defect 1: max - min of a finite float32 channel overflowed (scale 0, then 0/0)."""
+    w = torch.tensor([[3e38, -3e38, 1.0, 0.5], [0.1, -0.2, 0.3, 0.4]])
+    with pytest.raises(ValueError, match=r"weight: output channel 0 spans \[-3e\+38, 3e\+38\]: its range overflows "
+                                         r"float32 \(max - min overflows float32\)"):
+        vq.quantize_weight(w, 4, backend=backend)
+    const = torch.full((2, 4), 1e30)  # zero width: scale (2^b - 1) / 1e-8, scale * w overflows above 2 bits
+    assert torch.equal(vq.quantize_weight(const, 2, backend=backend), const)
+    with pytest.raises(ValueError, match="output channel 0 spans .*its range overflows float32"):
+        vq.quantize_weight(const, 4, backend=backend)
+    edge = torch.tensor([[-1.7e38, 1.7e38, 0.0, 1.0]])  # finite range: quantized, and finite
+    assert vq.quantize_weight(edge, 8, backend=backend).isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_float64_value_beyond_float32_is_named(backend):
+    w = torch.tensor([[1e39, -1.0, 0.5, 0.25]], dtype=torch.float64)  # was NaN (torch) or "holds NaN" (cpp)
+    with pytest.raises(ValueError, match=r"weight: value 1e\+39 \(output channel 0\) exceeds the float32 range"):
+        vq.quantize_weight(w, 4, backend=backend)
+
+
+def test_quantize_model_names_the_layer_whose_range_overflows():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight[0] = torch.tensor([3e38, -3e38, 1.0, 0.5])
+    before = model[1].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"weight of layer '1': output channel 0 spans .* overflows float32"):
+        vq.quantize_model(model, 4, None)
+    assert torch.equal(model[1].weight, before)

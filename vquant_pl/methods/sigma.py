@@ -26,6 +26,9 @@ def sigma_range(x: Tensor, bits: int, sigma: float) -> tuple[float, float, bool]
                 f"(shape {tuple(x.shape)}): the sigma rule needs at least two")
         alpha = sigma * positive.std()
     if bits < 6:
+        if x.max() < 0:
+            raise ValueError(f"every value is negative (max {float(x.max()):.4g}, shape {tuple(x.shape)}): below 6 "
+                             "bits the sigma rule clips alpha to max(x), which leaves no range")
         alpha = min(alpha, x.max())
     alpha = float(alpha)
     return (-alpha if signed else 0.0), alpha, signed

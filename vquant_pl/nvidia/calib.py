@@ -8,6 +8,7 @@ max / percentile / mse / entropy.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -20,10 +21,15 @@ from .tensor_quant import HISTOGRAM_METHODS, fake_tensor_quant
 
 def reduced_dims(axis, dim: int) -> list[int] | None:
     """The dims to reduce so that those in `axis` keep their own amax (None: all). Negative
-    axes count from the end, as NVIDIA's docstring says (its code would reduce every dim)."""
+    axes count from the end, as NVIDIA's docstring says (its code would reduce every dim); an
+    axis outside `[-dim, dim)` is an IndexError, as torch's."""
     if axis is None:
         return None
-    keep = {a % dim if dim else a for a in (axis if isinstance(axis, (tuple, list)) else (axis,))}
+    keep, n = set(), max(dim, 1)  # a 0-dim tensor takes axis 0 / -1, as torch
+    for a in axis if isinstance(axis, (tuple, list)) else (axis,):
+        if not -n <= a < n:  # as torch: an IndexError, not wrapped around
+            raise IndexError(f"axis {a} is out of range for a tensor of {dim} dims (expected in range [{-n}, {n - 1}])")
+        keep.add(a % n)
     return [d for d in range(dim) if d not in keep]
 
 
@@ -55,6 +61,7 @@ class MaxCalibrator(_Calibrator):
 
     Raises:
         RuntimeError: from `collect`, when the amax shape changes between tensors.
+        IndexError: from `collect`, an axis out of range for the tensor.
 
     Example:
         >>> calib = MaxCalibrator(8, None, False)
@@ -110,6 +117,10 @@ class HistogramCalibrator(_Calibrator):
 
     Raises:
         NotImplementedError: an axis (histograms are per tensor).
+        ValueError: from `collect`, a tensor holding NaN or inf (NVIDIA's drops NaN silently).
+
+    Zeros only give amax 0; zeros first, then other values, give the histogram of all of them
+    collected at once (NVIDIA's fails).
 
     Example:
         >>> calib = HistogramCalibrator(8, None, False)
@@ -127,11 +138,14 @@ class HistogramCalibrator(_Calibrator):
         self._first_num_bins, self._skip_zeros, self._torch_hist = num_bins, skip_zeros, torch_hist
         self.reset()
 
+    _top = math.inf  # a calibrator pickled before `_top` existed is not taken for "zeros only"
+
     def reset(self) -> None:
         """Forget the histogram (and its growth: the next one starts at `num_bins` bins again)."""
         self._num_bins = self._first_num_bins
         self._calib_bin_edges = None
         self._calib_hist = None
+        self._top = 0.0  # the largest |x| collected
 
     def collect(self, x: Tensor) -> None:
         """Add `|x|` to the histogram."""
@@ -142,13 +156,23 @@ class HistogramCalibrator(_Calibrator):
             if x.numel() == 0:
                 raise ValueError("HistogramCalibrator.collect: no value to collect"
                                  + (" (all zero, skip_zeros=True)" if self._skip_zeros else ""))
+            top = x.max()  # float32 arithmetic on 0-dim tensors, as NVIDIA's, then .item() (any device)
+            seen = top.item()
+            if not math.isfinite(seen):
+                raise ValueError("HistogramCalibrator.collect: the tensor holds NaN or infinite values")
+            zeros = None
+            if self._calib_hist is not None and self._top == 0 < seen:
+                # only zeros so far (NVIDIA's fails here): start over as if collected with this tensor
+                zeros, self._calib_hist = self._calib_hist.sum(), None
             if self._torch_hist:
-                self._collect_torch(x)
+                self._collect_torch(x, top)
             else:
-                self._collect_numpy(x.cpu().numpy())
+                self._collect_numpy(x.cpu().numpy(), from_zero=zeros is not None)
+            if zeros is not None:
+                self._calib_hist[0] += zeros
+            self._top = max(self._top, seen)
 
-    def _collect_torch(self, x: Tensor) -> None:
-        top = x.max()  # float32 arithmetic on 0-dim tensors, as NVIDIA's, then .item() (any device)
+    def _collect_torch(self, x: Tensor, top: Tensor) -> None:
         if self._calib_hist is None:
             self._calib_hist = torch.histc(x, bins=self._num_bins, min=0, max=top.item())
             self._calib_bin_edges = torch.linspace(0, top.item(), self._num_bins + 1)
@@ -162,9 +186,10 @@ class HistogramCalibrator(_Calibrator):
         hist[:self._calib_hist.numel()] += self._calib_hist
         self._calib_hist = hist
 
-    def _collect_numpy(self, x: np.ndarray) -> None:
-        if self._calib_hist is None:
-            self._calib_hist, self._calib_bin_edges = np.histogram(x, bins=self._num_bins)
+    def _collect_numpy(self, x: np.ndarray, from_zero: bool = False) -> None:
+        if self._calib_hist is None:  # from_zero: the range of x and the zeros seen before
+            self._calib_hist, self._calib_bin_edges = np.histogram(
+                x, bins=self._num_bins, range=(0, np.max(x)) if from_zero else None)
             return
         edges = self._calib_bin_edges
         top = np.max(x)
@@ -206,6 +231,8 @@ class HistogramCalibrator(_Calibrator):
         hist, edges = self._numpy()
         if hist is None:
             return None
+        if self._top == 0:  # nothing but zeros: amax 0, as the max calibrator's
+            return torch.tensor(0.0)
         if method == "percentile":
             return _amax_percentile(hist, edges, percentile)
         if method == "mse":
@@ -288,13 +315,16 @@ def calibrate_weights(model: nn.Module, method: str = "percentile", perchannel: 
 
     Raises:
         TypeError: an unsupported method; an amax shape that differs from one already set.
+        ValueError: a weight holding NaN or inf (percentile, mse).
+
+    An all-zero channel gets amax 0, as with "max" (NVIDIA's histogram of it spans -0.5..0.5).
 
     Example:
         >>> calibrate_weights(model, "mse")  # doctest: +SKIP
     """
     if method not in ("percentile", "mse", "max"):
         raise TypeError(f"Unsupported calibration method {method!r}; expected percentile, mse or max")
-    for module in model.modules():
+    for name, module in model.named_modules():
         if not (hasattr(module, "weight") and hasattr(module, "weight_quantizer")):
             continue
         weight, quantizer = module.weight.detach(), module.weight_quantizer
@@ -306,8 +336,14 @@ def calibrate_weights(model: nn.Module, method: str = "percentile", perchannel: 
         else:
             rows = [weight.abs()] if axis is None else [weight.select(axis, c).abs() for c in range(weight.shape[axis])]
             amaxs = []
-            for row in rows:
+            for c, row in enumerate(rows):
                 values = row.cpu().numpy()
+                if not np.isfinite(values.max()):
+                    raise ValueError(f"calibrate_weights: the weight of {name or type(module).__name__!r} holds NaN "
+                                     f"or infinite values" + (f" (output channel {c})" if axis is not None else ""))
+                if values.max() == 0:  # an all-zero channel: amax 0, as "max" gives (NVIDIA's: a negative amax)
+                    amaxs.append(torch.tensor(0.0))
+                    continue
                 hist, edges = np.histogram(values, bins=2048 if axis is None else num_bins, range=(0, values.max()))
                 amaxs.append(_amax_mse(hist, edges, quantizer.num_bits, quantizer.unsigned, 1, 128) if method == "mse"
                              else _amax_percentile(hist, edges, percentile))

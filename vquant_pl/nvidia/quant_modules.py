@@ -33,11 +33,15 @@ class _ClipFunction(torch.autograd.Function):
     def backward(ctx, grad):
         inputs, lo, hi = ctx.saved_tensors
         above_lo, below_hi = (inputs > lo).to(grad.dtype), (inputs < hi).to(grad.dtype)
-        if lo.numel() != 1 or hi.numel() != 1:
-            raise ValueError(f"learnable clip bounds must be scalars, got sizes {tuple(lo.shape)}, {tuple(hi.shape)}")
-        grad_lo = (grad * (1.0 - above_lo)).sum().to(lo.dtype) if lo.requires_grad else None
-        grad_hi = (grad * (1.0 - below_hi)).sum().to(lo.dtype) if hi.requires_grad else None
-        return grad * above_lo * below_hi, grad_lo, grad_hi
+        grads = []
+        for i, (bound, inside, what) in enumerate(((lo, above_lo, "min"), (hi, below_hi, "max")), 1):
+            if not ctx.needs_input_grad[i]:  # as NVIDIA's: only a bound that needs a gradient must be a scalar
+                grads.append(None)
+                continue
+            if bound.numel() != 1:
+                raise ValueError(f"Learnable {what} value must be scalar, got size {tuple(bound.shape)}")
+            grads.append((grad * (1.0 - inside)).sum().to(lo.dtype))
+        return grad * above_lo * below_hi, *grads
 
 
 class Clip(nn.Module):
@@ -416,18 +420,41 @@ def initialize(float_module_list: Iterable[str] | None = None,
     """Make `torch.nn.Conv1d/2d/3d` and `torch.nn.Linear` build their Quant versions until
     `deactivate()` (code that imported the classes directly before is not affected).
 
+    Every entry is checked before anything is swapped. Calling it again (also inside
+    `quantized_layers()`) only swaps what the new call adds: the originals stay those of
+    before the first call, never a Quant class, so `deactivate()` restores the float classes.
+
     Args:
         float_module_list: names to leave alone, e.g. `["Linear"]`.
         custom_quant_modules: more `(module, name, replacement)` swaps.
+
+    Raises:
+        TypeError: a custom entry that is not a `(module, name, replacement)` triple.
+        AttributeError: a custom entry whose module has no attribute `name`.
 
     Example:
         >>> initialize(); model = torchvision.models.resnet18(); deactivate()  # doctest: +SKIP
     """
     skip = set(float_module_list or ())
     swaps = [(nn, name, cls) for name, cls in SWAPS.items() if name not in skip]
-    for owner, name, replacement in [*swaps, *(tuple(entry) for entry in custom_quant_modules or ())]:
-        _ORIGINALS.setdefault((owner, name), getattr(owner, name))  # the first original, if called twice
+    for entry in custom_quant_modules or ():
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[1], str)):
+            raise TypeError(f"custom_quant_modules entries are (module, name, replacement) triples, got {entry!r}")
+        if not hasattr(entry[0], entry[1]):
+            raise AttributeError(f"custom_quant_modules: {getattr(entry[0], '__name__', entry[0])!r} has no attribute "
+                                 f"{entry[1]!r} (nothing was swapped)")
+        swaps.append(tuple(entry))
+    for owner, name, replacement in swaps:
+        if (owner, name) not in _ORIGINALS:  # the first original, if called twice
+            _ORIGINALS[(owner, name)] = _float_class(getattr(owner, name))
         setattr(owner, name, replacement)
+
+
+def _float_class(cls: object) -> object:
+    """`cls`, or for a Quant layer class (swapped in by `quantized_layers()`) the float class it extends."""
+    if isinstance(cls, type) and issubclass(cls, QuantMixin):
+        return next(base for base in cls.__mro__ if not issubclass(base, QuantMixin))
+    return cls
 
 
 def deactivate() -> None:
@@ -441,40 +468,63 @@ def deactivate() -> None:
 def quantized_layers():
     """Inside the block, `torch.nn.Conv1d/2d/3d` and `torch.nn.Linear` build their Quant
     versions, so models constructed there are quantized (code that imported the classes
-    directly, `from torch.nn import Conv2d`, before the block is not affected)."""
+    directly, `from torch.nn import Conv2d`, before the block is not affected). At the end
+    the classes of before the block are back, except that an `initialize()` called inside
+    holds until `deactivate()`, and a `deactivate()` inside leaves the float classes."""
     originals = {name: getattr(nn, name) for name in SWAPS}
+    held = {name: (nn, name) in _ORIGINALS for name in SWAPS}  # swapped by initialize() before the block
     for name, cls in SWAPS.items():
         setattr(nn, name, cls)
     try:
         yield
     finally:
         for name, cls in originals.items():
-            setattr(nn, name, cls)
+            now = (nn, name) in _ORIGINALS
+            if now and not held[name]:  # initialize() inside the block: it holds until deactivate(), which
+                _ORIGINALS[(nn, name)] = _float_class(cls)  # restores the class of before the block
+            else:  # a deactivate() inside the block leaves the float class
+                setattr(nn, name, _float_class(cls) if held[name] and not now else cls)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int | None = None, method: str | None = None,
               **kwargs) -> int:
     """Set the amax of every enabled TensorQuantizer from up to `num_batches` batches (the
-    first element of tuple batches is the input). Max calibrators take their max; histogram
-    ones `method` (default: their descriptor's calib_method) with `kwargs` (e.g.
-    `percentile=99.9`). Returns the number of batches used.
+    first element of tuple batches is the input), with the model in eval mode (each module's
+    training flag is restored after; BatchNorm statistics do not move). Max calibrators take
+    their max; histogram ones `method` (default: their descriptor's calib_method) with `kwargs`
+    (e.g. `percentile=99.9`), as NVIDIA's `compute_amax` recipe. Returns the number of batches used.
 
     Raises:
         ValueError: no TensorQuantizer, or no batch.
+        TypeError: a `method` or `kwargs` that no quantizer uses (only max calibrators: they
+            compute the max and nothing else), or `method="max"` with histogram calibrators
+            (NVIDIA's `load_calib_amax` is a TypeError there too); named, before any batch runs.
 
     Example:
         >>> calibrate(model, loader, num_batches=4, method="percentile", percentile=99.9)  # doctest: +SKIP
     """
-    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer) and not m._disabled]
-    if not quantizers:
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and not m._disabled]
+    if not named:
         raise ValueError(f"{type(model).__name__} has no enabled TensorQuantizer to calibrate")
+    histogram = [n or "(model)" for n, m in named if isinstance(m._calibrator, HistogramCalibrator)]
+    if method == "max" and histogram:
+        raise TypeError(f"method='max': the histogram calibrators of {histogram} compute "
+                        f"{' / '.join(HISTOGRAM_METHODS)} only")
+    if (method not in (None, "max") or kwargs) and not histogram:
+        given = ", ".join([f"method={method!r}"] * (method is not None) + [f"{k}={v!r}" for k, v in kwargs.items()])
+        raise TypeError(f"calibrate({given}): every quantizer has a max calibrator, which computes the max only "
+                        f"({[n or '(model)' for n, _ in named]}); give the descriptors calib_method='histogram' "
+                        "(or 'percentile' / 'mse' / 'entropy') to calibrate by that method")
+    quantizers = [m for _, m in named]
     stages = [(q._if_quant, q._if_calib) for q in quantizers]
+    modes = [(m, m.training) for m in model.modules()]
     for q in quantizers:
         q._calibrator.reset()
         q.disable_quant(), q.enable_calib()
     used = 0
     try:
+        model.eval()
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
@@ -483,6 +533,8 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int | None = Non
     finally:
         for q, (quant, calib) in zip(quantizers, stages):
             q._if_quant, q._if_calib = quant, calib
+        for m, training in modes:
+            m.training = training
     if used == 0:
         raise ValueError("no calibration batch")
     for q in quantizers:

@@ -31,18 +31,22 @@ class NegativeInputError(TypeError, ValueError):
     and a ValueError, as ours was)."""
 
 
-def check_num_bits(num_bits: Any) -> int:
-    """Validate a bit width: a positive integer.
+def check_num_bits(num_bits: Any, unsigned: bool = True) -> int:
+    """Validate a bit width: a positive integer, at least 2 when signed.
 
     Raises:
         TypeError: not an integer (NVIDIA's FP8 `(4, 3)` is not offered).
-        ValueError: below 1 (NVIDIA's `num_bits=0` debugging mode is not offered).
+        ValueError: below 1 (NVIDIA's `num_bits=0` debugging mode is not offered); 1 when
+            signed (`max_bound = 2^0 - 1 = 0`: NVIDIA's gives NaN, this port refuses it).
     """
     if isinstance(num_bits, bool) or not isinstance(num_bits, numbers.Integral):
         fp8 = " (FP8 E4M3 needs NVIDIA's CUDA extension and is not offered)" if num_bits == (4, 3) else ""
         raise TypeError(f"num_bits must be a positive integer, got {num_bits!r}{fp8}")
     if num_bits < 1:
         raise ValueError(f"num_bits must be a positive integer, got {num_bits}")
+    if num_bits < 2 and not unsigned:
+        raise ValueError(f"signed quantization needs num_bits >= 2, got {num_bits} (its only level would be 0: "
+                         "NVIDIA's gives NaN); use unsigned=True for 1 bit")
     return int(num_bits)
 
 
@@ -67,7 +71,8 @@ class QuantDescriptor:
 
     Raises:
         TypeError: a wrong type (an int or tensor amax, a non-str name, learn_amax with an axis).
-        ValueError: num_bits below 1, a negative or non-finite amax, an unknown calib_method.
+        ValueError: num_bits below 1 (below 2 when signed: NVIDIA's gives NaN), a negative or
+            non-finite amax, an unknown calib_method.
 
     Example:
         >>> QuantDescriptor(num_bits=4, amax=[1.0, 2.0]).amax
@@ -80,7 +85,7 @@ class QuantDescriptor:
                  unsigned: bool = False, narrow_range: bool = False, **unused: Any):
         if unused:  # NVIDIA takes **kwargs and refuses the rest with this message
             raise TypeError(f"Unused keys: {unused.keys()}")
-        self._num_bits = check_num_bits(num_bits)
+        self._num_bits = check_num_bits(num_bits, unsigned)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string or None, got {type(name).__name__}")
         if axis is not None and not isinstance(axis, (int, tuple, list)):
@@ -225,14 +230,15 @@ def tensor_quant(inputs: Tensor, amax: Tensor | float, num_bits: int = 8, unsign
         num_bits, unsigned, narrow_range: see `QuantDescriptor` (narrow range by default here).
 
     Raises:
-        ValueError: a negative or non-finite amax; an fp16 input whose scale exceeds 65504.
+        ValueError: a negative or non-finite amax; an fp16 input whose scale exceeds 65504;
+            signed with num_bits 1 (NVIDIA's gives NaN).
         NegativeInputError: unsigned with negative inputs.
 
     Example:
         >>> tensor_quant(torch.tensor([0.5, -1.0]), 1.0)
         (tensor([  64., -127.]), tensor(127.))
     """
-    check_num_bits(num_bits)
+    check_num_bits(num_bits, unsigned)
     return TensorQuantFunction.apply(inputs, _as_amax(amax, inputs), num_bits, unsigned, narrow_range)
 
 
@@ -244,5 +250,5 @@ def fake_tensor_quant(inputs: Tensor, amax: Tensor | float, num_bits: int = 8, u
         >>> fake_tensor_quant(torch.tensor([0.5, -1.0]), 1.0)
         tensor([ 0.5039, -1.0000])
     """
-    check_num_bits(num_bits)
+    check_num_bits(num_bits, unsigned)
     return FakeTensorQuantFunction.apply(inputs, _as_amax(amax, inputs), num_bits, unsigned, narrow_range)

@@ -19,6 +19,26 @@ def affine_scale(lo: Tensor, hi: Tensor, bits: int) -> Tensor:
     return torch.full_like(width, 2 ** bits - 1) / width
 
 
+def check_activation_range(lo: Tensor, hi: Tensor, scale: Tensor, zero_point: Tensor, q_min, q_max) -> None:
+    """Refuse a range (CPU tensors, per tensor or per channel) that is not finite, inverted
+    (lo > hi) or whose scale, zero point or quantization grid `(q + zp) / scale` overflows
+    float32 (rule 3 would give NaN or a constant). Called where ranges are given: no device sync."""
+    def channel(i: int) -> str:
+        return f" (channel {i})" if lo.numel() > 1 else ""
+
+    for bad, what in ((~(lo.isfinite() & hi.isfinite()), "must be finite"), (lo > hi, "is inverted (lo > hi)")):
+        if bad.any():
+            i = int(bad.flatten().nonzero()[0])
+            raise ValueError(f"activation range [{float(lo.flatten()[i])}, {float(hi.flatten()[i])}]{channel(i)} {what}")
+    grid = (q_min + zero_point) / scale, (q_max + zero_point) / scale
+    ends = torch.stack(torch.broadcast_tensors(scale, zero_point, *grid))
+    bad = ~ends.isfinite().all(0).flatten()
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"activation range [{float(lo.flatten()[i]):.6g}, {float(hi.flatten()[i]):.6g}]{channel(i)} "
+                         "overflows float32 in rule 3's scale, zero point or quantization grid")
+
+
 def weight_codes(weight: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """Real (unrounded) codes of a weight, per output channel, and their scale and zero point.
 
@@ -45,6 +65,8 @@ class ActivationQuantizer:
     (native kernel, or its PyTorch twin without a compiler): one elementwise pass that keeps
     the input's dtype (fp16/bf16 are computed in float32) and memory format (channels_last),
     and a single node under `torch.compile`. Inputs that need a gradient take `reference`.
+    A range that is not finite, inverted (lo > hi) or overflows float32 is a ValueError here,
+    at construction (never a check per call).
 
     Example:
         >>> q = ActivationQuantizer(4, 0.0, 6.0, signed=False)
@@ -62,6 +84,7 @@ class ActivationQuantizer:
         self.scale = affine_scale(lo_t, hi_t, bits)
         self.zero_point = torch.round(self.scale * lo_t) + (n if signed else 0)
         self.q_min, self.q_max = (-n, n - 1) if signed else (0, 2 ** bits - 1)
+        check_activation_range(lo_t, hi_t, self.scale, self.zero_point, self.q_min, self.q_max)
         self._scale_f, self._zero_point_f = float(self.scale), float(self.zero_point)
         self._on: dict[torch.device, tuple] = {}
         self._op = kernels.ops().fake_quant
@@ -101,7 +124,11 @@ class ActivationQuantizer:
 
 def fake_quant_activation(x: Tensor, bits: int, lo: float | Tensor, hi: float | Tensor,
                           signed: bool) -> Tensor:
-    """Fake-quantize an activation tensor with range `[lo, hi]` (docs/quantization-rules.md rule 3)."""
+    """Fake-quantize an activation tensor with range `[lo, hi]` (docs/quantization-rules.md rule 3).
+
+    Raises:
+        ValueError: `lo` or `hi` not finite, `lo > hi`, or a range that overflows float32.
+    """
     return ActivationQuantizer(bits, lo, hi, signed)(x)
 
 
@@ -109,7 +136,7 @@ class ChannelActivationQuantizer:
     """Affine fake quantization with a range and a bit width per channel (for activation
     bit allocation): rule 3 applied channel by channel along `dim`, signedness per tensor.
     Each call is one operator (`vquant_py::fake_quant_channel`); dtype and memory format
-    of the input are kept."""
+    of the input are kept. Ranges are checked as `ActivationQuantizer`'s (the channel named)."""
 
     def __init__(self, bits: Tensor, lo: Tensor, hi: Tensor, signed: bool, dim: int = 1):
         bits = torch.as_tensor(bits).detach().cpu().flatten().long()
@@ -129,6 +156,7 @@ class ChannelActivationQuantizer:
         self.scale = levels / torch.clamp(hi - lo, min=1e-8)  # (2^b - 1) / width per channel
         self.zero_point = torch.round(self.scale * lo) + (half if signed else 0)
         self.q_min, self.q_max = (-half, half - 1) if signed else (torch.zeros_like(levels), levels)
+        check_activation_range(lo, hi, self.scale, self.zero_point, self.q_min, self.q_max)
         self._on: dict[tuple, tuple] = {}
 
     def ranges(self) -> tuple[Tensor, Tensor, Tensor, bool]:

@@ -62,8 +62,22 @@ def status() -> dict[str, str | None]:
 
 
 # ----------------------------------------------------------------------------- reference math
+def _check_fake_quant(x: Tensor, q_min: int, q_max: int) -> None:
+    """What the native `vquant::fake_quant` checks (csrc/fake_quant_cpu.cpp)."""
+    torch._check(x.is_floating_point(), lambda: f"vquant::fake_quant: x must be floating point, got {x.dtype}")
+    torch._check(q_min <= q_max, lambda: f"vquant::fake_quant: q_min {q_min} > q_max {q_max}")
+
+
+def _check_codes(t: Tensor, op: str, what: str, bits: int) -> None:
+    """What the native `vquant::squant_round` / `squant_weight` check (csrc/squant_cpu.cpp)."""
+    torch._check(t.dtype == torch.float32, lambda: f"vquant::{op}: {what} must be float32, got {t.dtype}")
+    torch._check(t.dim() == 3, lambda: f"vquant::{op}: {what} must be [OC, IC, K], got {t.dim()} dims")
+    torch._check(1 <= bits <= 16, lambda: f"vquant::{op}: bits must lie in 1..16, got {bits}")
+
+
 def fake_quant_reference(x: Tensor, scale: float, zero_point: float, q_min: int, q_max: int) -> Tensor:
     """docs/quantization-rules.md rule 3 in PyTorch ops: float32 math, result in `x`'s dtype (and layout)."""
+    _check_fake_quant(x, q_min, q_max)
     s = torch.tensor(scale, dtype=torch.float32, device=x.device)
     zp = torch.tensor(zero_point, dtype=torch.float32, device=x.device)
     q = torch.mul(x.float(), s)
@@ -77,8 +91,7 @@ def _rounding_of(k_level: bool, c_level: bool) -> str:
 
 
 def _squant_round_reference(codes: Tensor, bits: int, k_level: bool, c_level: bool) -> Tensor:
-    if codes.dim() != 3 or codes.dtype != torch.float32:
-        raise ValueError(f"squant_round: codes must be float32 [OC, IC, K], got {codes.dtype} {tuple(codes.shape)}")
+    _check_codes(codes, "squant_round", "codes", bits)
     # `rounding` never asks for a K-level where the kernel has one element; the levels can.
     k_level = k_level and codes.shape[-1] > 1
     return squant_round_torch(codes.contiguous(), bits, _rounding_of(k_level, c_level))
@@ -113,11 +126,12 @@ def fake_quant_channel(x: Tensor, scale: Tensor, zero_point: Tensor, q_min: Tens
 
 
 def _fake_squant_round(codes: Tensor, bits: int, k_level: bool, c_level: bool) -> Tensor:
-    torch._check(codes.dim() == 3, lambda: "squant_round: codes must be [OC, IC, K]")
+    _check_codes(codes, "squant_round", "codes", bits)
     return torch.empty_like(codes, memory_format=torch.contiguous_format)
 
 
 def _fake_fake_quant(x: Tensor, scale: float, zero_point: float, q_min: int, q_max: int) -> Tensor:
+    _check_fake_quant(x, q_min, q_max)
     return torch.empty_like(x)
 
 
@@ -125,12 +139,13 @@ def _squant_weight_reference(weight: Tensor, bits: int, k_level: bool, c_level: 
     """`vquant::squant_weight` in PyTorch: affine codes, SQuant rounding, dequantization."""
     from .affine import dequantize, weight_codes
 
+    _check_codes(weight, "squant_weight", "weight", bits)
     codes, scale, zero_point = weight_codes(weight, bits)
     return dequantize(_squant_round_reference(codes.contiguous(), bits, k_level, c_level), scale, zero_point)
 
 
 def _fake_squant_weight(weight: Tensor, bits: int, k_level: bool, c_level: bool) -> Tensor:
-    torch._check(weight.dim() == 3, lambda: "squant_weight: weight must be [OC, IC, K]")
+    _check_codes(weight, "squant_weight", "weight", bits)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
