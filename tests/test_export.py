@@ -1,6 +1,7 @@
 """ONNX QDQ export (vquant_pl.export): the file checks, runs in onnxruntime and computes what
 PyTorch evaluated."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -456,3 +457,215 @@ def test_nvidia_style_four_bit_types(tmp_path):
     vq.export_onnx(net, tmp_path / "n8.onnx", x[:2], verify=False)
     np.testing.assert_allclose(got, run_onnx(ort_session(tmp_path / "n8.onnx"), x), rtol=0, atol=1e-6)
     assert np.abs(got - want).max() < 1e-4
+
+
+# ------------------------------------------------------------ what the file computes, and says
+def test_nvidia_pre_quant_scale_is_a_mul_before_the_qdq(tmp_path):
+    net = nvidia_net()
+    torch.manual_seed(1)
+    net[2].input_quantizer.pre_quant_scale = torch.rand(1, 8, 1, 1) + 0.25  # SmoothQuant-style, per channel
+    net[5].input_quantizer.pre_quant_scale = torch.tensor(0.5)  # a scalar
+    net[0].input_quantizer.disable()  # off: its pre_quant_scale still applies, as in TensorQuantizer.forward
+    net[0].input_quantizer.pre_quant_scale = torch.full((1, 3, 1, 1), 2.0)
+    vq.calibrate(net, [torch.rand(8, 3, 16, 16)])
+    x = torch.rand(6, 3, 16, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "pqs.onnx", x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert len(nodes(tmp_path / "pqs.onnx", "Mul")) == 3
+    assert [r.input.startswith("pre_quant_scale Mul") for r in report.layers] == [True] * 3
+    assert report.layers[0].input == "pre_quant_scale Mul, float"
+
+
+def test_a_file_that_computes_another_function_is_an_error_and_not_written(tmp_path, monkeypatch):
+    from vquant_pl import export
+
+    net = nvidia_net()
+    net[2].input_quantizer.pre_quant_scale = torch.full((1, 8, 1, 1), 0.5)
+    vq.calibrate(net, [torch.rand(8, 3, 16, 16)])
+    # the export as it was: the QDQ without its pre_quant_scale (a max difference of 0.016 passed silently)
+    monkeypatch.setattr(export._KeyedQDQ, "forward", lambda self, x: x if self.key is None else
+                        torch.ops.vquant_export.qdq(x, self.key))
+    with pytest.raises(export.ExportMismatch, match="more than float rounding explains.*nothing was written"):
+        vq.export_onnx(net, tmp_path / "bad.onnx", torch.rand(2, 3, 16, 16))
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary folder
+    report = vq.export_onnx(net, tmp_path / "bad.onnx", torch.rand(2, 3, 16, 16), verify=False)  # asked for
+    assert report.max_abs_diff is None and (tmp_path / "bad.onnx").is_file()
+
+
+def test_verification_checks_the_files_own_function(tmp_path):
+    net = quantized(8)
+    report = vq.export_onnx(net, tmp_path / "net.onnx", torch.rand(2, 3, 16, 16))
+    assert report.max_abs_diff <= report.tolerance < 1e-4  # a tiny model: no value on a code boundary
+    assert report.optimized_diff is not None
+    # the file's operators as written compute the model: on many inputs too (onnxruntime's integer kernels
+    # round the bias to int32 and requantize, which moves values on a code boundary to the next code)
+    x = torch.rand(64, 3, 16, 16)
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(run_onnx(ort_session(tmp_path / "net.onnx", optimize=False), x), want, rtol=0, atol=1e-6)
+
+
+def test_metadata_carries_preprocessing_quant_config_and_version(tmp_path):
+    from vquant_pl.models import attach_preprocessing
+
+    net = quantized(8)
+    prep = vq.Preprocessing(input_size=(16, 16), crop_pct=0.9, interpolation="bicubic", mean=(0.5,) * 3,
+                            std=(0.25,) * 3)
+    attach_preprocessing(net, prep)
+    report = vq.export_onnx(net, tmp_path / "net.onnx", torch.rand(2, 3, 16, 16))
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "net.onnx")).metadata_props}
+    assert meta == report.metadata and meta["vquant.version"] == vq.__version__
+    assert json.loads(meta["vquant.preprocessing"]) == json.loads(json.dumps(prep.to_dict()))
+    config = vq.state.iter_states(net).__next__()[2].run.config
+    assert json.loads(meta["vquant.quant_config"]) == json.loads(json.dumps(config.to_dict(resolved=True)))
+    assert json.loads(meta["vquant.quant_config"])["act_range"] == "sigma"
+    # the model's preprocessing, exported at another size: at that size; a given one must match it
+    vq.export_onnx(net, tmp_path / "24.onnx", torch.rand(2, 3, 24, 24))
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "24.onnx")).metadata_props}
+    assert json.loads(meta["vquant.preprocessing"])["input_size"] == [24, 24]
+    with pytest.raises(ValueError, match=r"input_size \(16, 16\) is not the example input's \(24, 24\)"):
+        vq.export_onnx(net, tmp_path / "x.onnx", torch.rand(2, 3, 24, 24), preprocessing=prep)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+class HeadFirst(nn.Module):  # registered head first, run last
+    def __init__(self):
+        super().__init__()
+        self.head, self.c0, self.c1 = nn.Linear(8, 10), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c1(torch.relu(self.c0(x)))).mean((2, 3)))
+
+
+class Twice(nn.Module):  # one conv called twice
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.c(torch.relu(self.c(torch.relu(self.c0(x))))).mean((2, 3)))
+
+
+def test_onnxruntime_operators_are_matched_to_layers_by_name(tmp_path):
+    for cls, ops, integer in ((HeadFirst, {"head": "Gemm", "c0": "QLinearConv", "c1": "FusedConv"}, ["c0"]),
+                              (Twice, {"c0": "Conv", "c": "QLinearConv/Conv", "fc": "Gemm"}, [])):
+        torch.manual_seed(0)
+        net = cls().eval()
+        vq.quantize_model(net, 8, 8, act_range="sigma", probe=PROBE, progress=False)
+        report = vq.export_onnx(net, tmp_path / f"{cls.__name__}.onnx", torch.rand(2, 3, 16, 16))
+        assert {r.name: r.ort_op for r in report.layers} == ops
+        assert report.integer_layers == integer
+        notes = {r.name: r.note for r in report.layers}
+        assert "graph output" in notes["head" if cls is HeadFirst else "fc"]
+        assert (notes["c0"] == "") if cls is HeadFirst else ("input float" in notes["c0"])
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_linear_on_tokens_keeps_the_files_numbers_in_onnxruntime(tmp_path, act_bits):
+    # DequantizeLinear -> MatMul: onnxruntime's default MatMulNBits (int8 accuracy level) quantized the float
+    # input of a weights-only or first layer (0.006 off); ort_session computes it in float32
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    probe = vq.Probe(shape=(8, 3, 16)) if act_bits else None
+    vq.quantize_model(net, 8, act_bits, probe=probe, progress=False, act_range="sigma")
+    x = torch.rand(64, 3, 16)
+    report, got, want = onnx_vs_torch(net, tmp_path / "tokens.onnx", x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    integer = "MatMulIntegerToFloat" if act_bits else "MatMulNBits"
+    assert [r.ort_op for r in report.layers] == ["MatMulNBits", integer, integer]
+    assert report.integer_layers == (["2", "4"] if act_bits else [])
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc, self.aux = nn.Conv2d(3, 8, 3), nn.Linear(8, 10), nn.Linear(8, 10)
+
+    def forward(self, x):
+        f = torch.relu(self.c(x)).mean((2, 3))
+        return {"logits": self.fc(f), "aux": self.aux(f)}
+
+
+def test_unexportable_models_are_refused_before_writing(tmp_path):
+    torch.manual_seed(0)
+    net = Two().eval()
+    vq.quantize_model(net, 8, 8, act_range="sigma", probe=PROBE, progress=False)
+    for _ in range(2):  # a retry says the same (it used to find the file of the failed call)
+        with pytest.raises(ValueError, match=r"returns a dict \(keys 'logits', 'aux'\)"):
+            vq.export_onnx(net, tmp_path / "two.onnx", torch.rand(2, 3, 16, 16))
+    assert list(tmp_path.iterdir()) == []
+
+    class Residual(nn.Module):  # pytorch-quantization's ResNet recipe: a quantizer on the residual branch
+        def __init__(self):
+            super().__init__()
+            self.c0, self.c1 = vq.QuantConv2d(3, 8, 3, padding=1), vq.QuantConv2d(8, 8, 3, padding=1)
+            self.residual_quantizer = vq.TensorQuantizer(vq.QuantDescriptor(num_bits=8))
+            self.fc = vq.QuantLinear(8, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.c0(x))
+            return self.fc(torch.relu(self.c1(y) + self.residual_quantizer(y)).mean((2, 3)))
+
+    net = Residual().eval()
+    vq.calibrate(net, [torch.rand(8, 3, 16, 16)])
+    with pytest.raises(ValueError, match="module 'residual_quantizer' is a TensorQuantizer outside a"):
+        vq.export_onnx(net, tmp_path / "res.onnx", torch.rand(2, 3, 16, 16))
+    assert list(tmp_path.iterdir()) == []
+    net.residual_quantizer.disable()  # off, it is the identity: exported as such
+    _, got, want = onnx_vs_torch(net, tmp_path / "res.onnx", torch.rand(4, 3, 16, 16))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- vquant export
+@pytest.fixture
+def tiny_cli(tmp_path):
+    """A CLI YAML for a small pickled model (32x32 px preprocessing attached), W8A8; extra lines via format."""
+    from vquant_pl.models import attach_preprocessing
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 1000)).eval()
+    attach_preprocessing(net, vq.Preprocessing(input_size=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3))
+    torch.save(net, tmp_path / "tiny.pt")
+
+    def config(allow_pickle: bool = True) -> str:
+        path = tmp_path / f"tiny_{allow_pickle}.yaml"
+        path.write_text(f"model:\n  model: {tmp_path / 'tiny.pt'}\n  allow_pickle: {str(allow_pickle).lower()}\n"
+                        "data:\n  batch_size: 2\n  num_workers: 0\nquant:\n  weight_bits: 8\n  act_bits: 8\n"
+                        "  probe_shape: [2, 3, 32, 32]\n  verbose: false\ntrainer:\n  accelerator: cpu\n"
+                        "  devices: 1\n  logger: false\n  enable_progress_bar: false\n")
+        return str(path)
+    return config
+
+
+def test_vquant_export_honours_image_size_and_prints_no_lightning_banner(tmp_path, tiny_cli, capfd):
+    from vquant_pl.cli.app import main
+
+    out = tmp_path / "s40.onnx"
+    assert main(["export", "--config", tiny_cli(), "--data.image_size", "40", "--out", str(out)]) == 0
+    printed = capfd.readouterr()
+    assert "wrote" in printed.out and "GPU available" not in printed.out + printed.err
+    model = onnx.load(str(out))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:] == [3, 40, 40]
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props if p.key != "vquant.version"}
+    assert meta["vquant.preprocessing"]["input_size"] == [40, 40] and meta["vquant.preprocessing"]["std"] == [0.25] * 3
+    assert meta["vquant.quant_config"]["weight_bits"] == 8
+    assert run_onnx(ort_session(out), torch.rand(3, 3, 40, 40)).shape == (3, 1000)
+
+
+def test_vquant_export_refusals_are_one_line_and_write_nothing(tmp_path, tiny_cli, capfd, monkeypatch):
+    import vquant_pl.quantize
+    from vquant_pl.cli.app import main
+
+    out = tmp_path / "m.onnx"
+    calls = []
+    monkeypatch.setattr(vquant_pl.quantize, "quantize_model", lambda *a, **k: calls.append(1))
+    cases = [([tiny_cli(), "--trainer.precision", "bf16-true"], "trainer.precision='bf16-true'"),
+             ([tiny_cli(allow_pickle=False)], "UnsafeFile: model file"),
+             ([tiny_cli(), "--quant.bias_correction", "true"], "bias_correction=True")]
+    for args, message in cases:
+        assert main(["export", "--config", *args, "--out", str(out)]) == 2
+        err = capfd.readouterr().err.strip()
+        assert err.startswith("vquant export: error:") and message in err and "\n" not in err, err
+        assert not out.exists()
+    assert calls == []  # refused before quantizing

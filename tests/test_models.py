@@ -178,3 +178,18 @@ def test_preprocessing_refuses_settings_it_would_ignore_or_fail_on_later():
     with pytest.raises(ValueError, match=r"resize=256 .* cannot be combined with crop_mode='squash'"):
         Preprocessing(resize=256, crop_mode="squash")  # the resize path has no squash: it was dropped
     assert Preprocessing(resize=256).transform().transforms[0].size == 256
+
+
+def test_a_directory_given_as_model_file_or_checkpoint_is_named_a_directory(tmp_path):
+    # said "model file ... not found" of a folder that is there
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    torch.save(_net(), tmp_path / "model.pt")
+    with pytest.raises(IsADirectoryError, match=r"model file .*weights is a directory, not a file"):
+        vq.create_model(str(folder), allow_pickle=True)
+    with pytest.raises(IsADirectoryError, match=r"checkpoint .*weights is a directory, not a file"):
+        vq.create_model(str(tmp_path / "model.pt"), allow_pickle=True, checkpoint=folder)
+    with pytest.raises(IsADirectoryError, match=r"checkpoint .*weights is a directory"):
+        models.load_checkpoint(_net(), folder)
+    with pytest.raises(FileNotFoundError, match=r"model file .*nowhere.pt not found"):
+        vq.create_model(str(tmp_path / "nowhere.pt"), allow_pickle=True)

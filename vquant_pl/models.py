@@ -372,12 +372,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 
     Raises:
         FileNotFoundError: no such file.
+        IsADirectoryError: the path is a folder.
         UnsafeFile: the file holds other objects (e.g. a whole pickled model).
         ValueError: the keys or shapes do not fit `model` (listed).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    _check_file(path, "checkpoint")
     state = _load_weights_only(path, "checkpoint")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -398,6 +398,15 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
                          f"[{show(unexpected)}], {len(wrong)} of another shape [{show(wrong)}]")
     model.load_state_dict(state)
     return model
+
+
+def _check_file(path: str | Path, what: str) -> None:
+    """A file at `path`, or an error that says what is there instead (nothing, or a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory, not a file; give the file inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
 
 
 def create_model(spec: str, pretrained: bool = True, checkpoint: str | Path | None = None,
@@ -425,6 +434,7 @@ def create_model(spec: str, pretrained: bool = True, checkpoint: str | Path | No
         ValueError: an unknown source or name (close matches listed), a checkpoint that
             does not fit, or `pretrained=False` with a model file.
         FileNotFoundError: a missing model file or checkpoint.
+        IsADirectoryError: the model file or checkpoint given is a directory.
         UnsafeFile: a whole pickled model without `allow_pickle=True`.
         WeightsUnavailable: pretrained weights neither cached nor downloadable.
         MissingExtra: the pretrained weights need an extra that is not installed (the
@@ -435,13 +445,12 @@ def create_model(spec: str, pretrained: bool = True, checkpoint: str | Path | No
         >>> prep.input_size, model.preprocessing is prep
         ((224, 224), True)
     """
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    if checkpoint is not None:
+        _check_file(checkpoint, "checkpoint")
     source, sep, name = spec.partition(":")
     if not sep or source not in SOURCES:
         if Path(spec).suffix in (".pt", ".pth", ".ckpt", ".bin") or Path(spec).exists():
-            if not Path(spec).is_file():
-                raise FileNotFoundError(f"model file {spec} not found")
+            _check_file(spec, "model file")
             if not pretrained:
                 raise ValueError(f"pretrained=False does not apply to the model file {spec} (it holds its "
                                  "own weights); build an architecture with 'source:name' instead")

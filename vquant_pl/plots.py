@@ -44,47 +44,89 @@ def _bits_label(bits: int) -> str:
     return "FP32" if bits >= 32 else f"W{bits}"
 
 
+def _act_bits(row: Mapping[str, Any]) -> int | None:
+    """A row's activation bits: `_act_bits`, else read from its `bits` (`W4A8`, `W4Afp`)."""
+    if "_act_bits" in row:
+        return row["_act_bits"]
+    bits = str(row.get("bits") or "")
+    digits = bits.partition("A")[2].split(" ")[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def _series(row: Mapping[str, Any]) -> str:
+    """The activations of a row's line: `WxAx` (act bits equal to weight bits), `A8` (fixed), `A float`."""
+    act = _act_bits(row)
+    if act is None:
+        return "A float"
+    return "WxAx" if act == row["_weight_bits"] else f"A{act}"
+
+
+#: The y-axis of each way a row is scored (`scored_by`).
+SCORED_BY = {"labels": "top-1 (%)", "float agreement": "top-1 agreement with float (%)"}
+
+
 def sweep_figure(rows: Sequence[Mapping[str, Any]]):
-    """Top-1 against weight bits, one line per (model, method), each line ending at its
-    model's FP32 point (the row whose method is `float`) when the sweep has one.
+    """Top-1 against weight bits, one line per model, method and activation bits, each line
+    ending at its model's FP32 point (the row whose method is `float`) when the sweep has one.
+
+    A line holds rows of one model and method whose activations are alike: as many bits as
+    the weights (`WxAx`: W4A4, W6A6, W8A8 on one line), a fixed width (`A8`: W4A8, W6A8) or
+    float (`A float`); so W4A4 and W4A8 are never one line. Rows scored against the labels
+    (top-1) and rows scored against the float model (agreement) are not one quantity: each
+    kind gets its own axis (side by side, each labelled), and a line ends at the FP32 point
+    of its own kind. Two rows of one line at the same weight bits (e.g. two checkpoints of a
+    model) become separate lines, named by their configs.
 
     Args:
-        rows: sweep rows with `model`, `method`, `top1`, `_weight_bits` (None for float) and
-            `scored_by`; failed rows (`status` other than `ok`) are left out.
+        rows: sweep rows with `model`, `method`, `top1`, `_weight_bits` (None for float),
+            `_act_bits` (or `bits`, e.g. `W4A8`) and `scored_by` (default `labels`); failed
+            rows (`status` other than `ok`) are left out.
 
     Example:
         >>> fig = sweep_figure([{"model": "m", "method": "float", "top1": 70.0, "_weight_bits": None},
-        ...                     {"model": "m", "method": "squant/sigma", "top1": 60.0, "_weight_bits": 4}])
+        ...                     {"model": "m", "method": "squant/sigma", "top1": 60.0, "_weight_bits": 4,
+        ...                      "bits": "W4A4"}])
         >>> [line.get_label() for line in fig.axes[0].get_lines()]
-        ['m squant/sigma', 'm FP32']
+        ['m squant/sigma WxAx', 'm FP32']
     """
     ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("top1") is not None]
-    fp32 = {r["model"]: r["top1"] for r in ok if r.get("_weight_bits") is None}
+    kinds = [k for k in dict.fromkeys(r.get("scored_by") or "labels" for r in ok)] or ["labels"]
     bits = sorted({r["_weight_bits"] for r in ok if r.get("_weight_bits") is not None})
     position = {b: i for i, b in enumerate(bits)}
     position[32] = len(bits)  # the FP32 column right of the lowest precision
-    fig = _figure(7, 4.2)
-    ax = fig.add_subplot()
-    groups: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in ok:
-        if r.get("_weight_bits") is not None:
-            groups.setdefault((r["model"], r["method"]), []).append((r["_weight_bits"], r["top1"]))
-    for (model, method), points in groups.items():
-        points = sorted(points)
-        if model in fp32:
-            points.append((32, fp32[model]))
-        ax.plot([position[b] for b, _ in points], [t for _, t in points], marker="o", label=f"{model} {method}")
-    for model, top1 in fp32.items():
-        ax.plot([position[32]], [top1], marker="*", markersize=12, linestyle="none", color="black",
-                label=f"{model} FP32")
-    ax.set_xticks(range(len(position)), [_bits_label(b) for b in sorted(position)])
-    ax.set_xlabel("weight bits (activations as in the method)")
-    agreement = any(r.get("scored_by") == "float agreement" for r in ok)
-    ax.set_ylabel("top-1 agreement with float (%)" if agreement else "top-1 (%)")
-    ax.set_title("accuracy against bit width, one line per model and method")
-    ax.grid(alpha=0.3)
-    if ok:
-        ax.legend(fontsize=7, loc="lower right")
+    fig = _figure(7 * len(kinds), 4.2)
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    for ax, kind in zip(axes, kinds):
+        mine = [r for r in ok if (r.get("scored_by") or "labels") == kind]
+        fp32 = {r["model"]: r["top1"] for r in mine if r.get("_weight_bits") is None}
+        groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+        for r in mine:
+            if r.get("_weight_bits") is not None:
+                groups.setdefault((r["model"], r["method"], _series(r)), []).append(r)
+        lines: list[tuple[str, str, list[tuple[int, float]]]] = []
+        for (model, method, acts), members in groups.items():
+            label = f"{model} {method} {acts}"
+            if len({r["_weight_bits"] for r in members}) < len(members):  # one line, one point per bit width
+                lines += [(model, f"{label} ({r.get('config', i)})", [(r["_weight_bits"], r["top1"])])
+                          for i, r in enumerate(members)]
+            else:
+                lines.append((model, label, [(r["_weight_bits"], r["top1"]) for r in members]))
+        for model, label, points in lines:
+            points = sorted(points)
+            if model in fp32:
+                points.append((32, fp32[model]))
+            ax.plot([position[b] for b, _ in points], [t for _, t in points], marker="o", label=label)
+        for model, top1 in fp32.items():
+            ax.plot([position[32]], [top1], marker="*", markersize=12, linestyle="none", color="black",
+                    label=f"{model} FP32")
+        ax.set_xticks(range(len(position)), [_bits_label(b) for b in sorted(position)])
+        ax.set_xlabel("weight bits (activations: as in the line's name)")
+        ax.set_ylabel(SCORED_BY.get(kind, f"top-1 ({kind})"))
+        ax.set_title(f"scored by {kind}: one line per model, method and activation bits" if len(kinds) > 1 else
+                     "accuracy against bit width, one line per model, method and activation bits", fontsize=9)
+        ax.grid(alpha=0.3)
+        if mine:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import vquant_pl as vq
-from vquant_pl.cli.analyze import analyze, layer_kind, main
+from vquant_pl.cli.analyze import analyze, error_kinds, layer_kind, main
 
 
 def _net() -> nn.Module:
@@ -138,7 +138,7 @@ def test_recipe_bit_widths_are_used_and_flags_override_them(tmp_path):
 def test_error_kinds_rows_match_independent_runs():
     from torch.nn import functional as F
 
-    from vquant_pl.cli.analyze import _clip_only, _round_only, error_kinds, kinds_table
+    from vquant_pl.cli.analyze import _clip_only, _round_only, kinds_table
     from vquant_pl.ops.affine import ActivationQuantizer
 
     q = ActivationQuantizer(4, 0.0, 3.0, signed=False)
@@ -187,3 +187,118 @@ def test_transformed_copy_quantizes_as_quantize_model_under_mixed_precision_and_
         vq.quantize_model(net, **settings)
     for (_, a), (_, b) in zip(vq.quantizable_layers(work), vq.quantizable_layers(net)):
         assert torch.equal(a.weight, b.weight)
+
+
+def _pruned_pair(grad: bool) -> tuple[nn.Module, nn.Module]:
+    """A net with layer 3 pruned (`torch.nn.utils.prune`, with or without autograd on), and a
+    plain copy whose layer 3 holds the pruned weight (`weight_orig * mask`) as its parameter."""
+    from torch.nn.utils import prune
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                             nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(16, 10)).eval()
+
+    pruned, plain = net(), net()
+    with torch.set_grad_enabled(grad):  # with autograd on, `weight` has history: a plain deepcopy refuses it
+        prune.l1_unstructured(pruned[3], "weight", amount=0.3)
+    with torch.no_grad():
+        plain[3].weight.copy_(pruned[3].weight)
+    return pruned, plain
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_pruned_layer_is_measured_with_its_quantized_weight(grad):
+    # the quantized weight was written into `weight`, which the pruning pre-hook recomputes
+    # from `weight_orig` before the forward: the layer showed KL 0 (and a deepcopy crashed)
+    pruned, plain = _pruned_pair(grad)
+    images = torch.rand(8, 3, 12, 12)
+    settings = dict(weight_bits=3, act_bits=8, act_range="sigma", probe_shape=(4, 3, 12, 12))
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    a, b = analyze(pruned, images, **settings), analyze(plain, images, **settings)
+    assert a.layers[1].name == "3" and a.layers[1].weight_kl > 0
+    for x, y in zip(a.layers, b.layers):
+        assert x.weight_kl == pytest.approx(y.weight_kl, rel=1e-5, abs=1e-12)
+        assert x.weight_rel_error == pytest.approx(y.weight_rel_error, rel=1e-5)
+        assert (x.input_kl is None) == (y.input_kl is None)
+        assert x.input_kl is None or x.input_kl == pytest.approx(y.input_kl, rel=1e-5, abs=1e-12)
+    assert all(torch.equal(v, before[k]) for k, v in pruned.state_dict().items())  # the model is untouched
+    kinds = {r.what: r.kl for r in error_kinds(pruned, images, **settings)}  # on a copy made alike
+    assert kinds["full setting"] == pytest.approx(a.full_kl, rel=1e-5)
+
+
+def test_kl_is_never_negative():
+    from torch.nn import functional as F
+
+    from vquant_pl.cli.analyze import _scores
+
+    torch.manual_seed(2)  # float rounding puts this KL at about -6e-8
+    a = torch.randn(4, 1000) * 5
+    b = a + torch.randn_like(a) * 1e-5
+    kl, agreement, _ = _scores(b, F.log_softmax(a, 1), None)
+    assert kl == 0.0 and agreement == 1.0
+
+
+def _files(tmp_path):
+    torch.save(_net(), tmp_path / "net.pt")
+    torch.save({"images": torch.randn(6, 3, 6, 6), "labels": torch.zeros(6, dtype=torch.long)}, tmp_path / "images.pt")
+    return [str(tmp_path / "net.pt"), "--allow-pickle", "--images", str(tmp_path / "images.pt")]
+
+
+def test_out_suffixes_are_appended_to_the_whole_prefix(tmp_path, capsys):
+    common = _files(tmp_path) + ["--weight-bits", "2", "--act-bits", "8"]
+    assert main([*common, "--out", str(tmp_path / "run_v1.5")]) == 0
+    assert main([*common, "--out", str(tmp_path / "run_v1.7")]) == 0  # not refused as run_v1.* taken
+    assert main([*common, "--kinds", "--out", str(tmp_path / "k.v2")]) == 0
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("run_", "k.")))
+    assert written == ["k.v2.png", "run_v1.5.csv", "run_v1.5.json", "run_v1.5.png", "run_v1.7.csv", "run_v1.7.json",
+                       "run_v1.7.png"]
+    assert f"wrote {tmp_path / 'run_v1.7.csv'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num", "0"], "--num must be at least 1, got 0"),
+    (["--num", "-1"], "--num must be at least 1, got -1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--top", "0"], "--top must be at least 1, got 0"),
+    (["--act-range", "nosuch"], "unknown act_range 'nosuch'"),
+    (["--weight-bits", "1"], "weight_bits"),
+    (["--kinds", "--top", "1"], "--kinds prints every error kind: drop --top"),
+])
+def test_bad_arguments_are_refused_before_the_model_is_built(tmp_path, monkeypatch, capsys, flags, message):
+    import vquant_pl.models
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(vquant_pl.models, "create_model", no_work)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_files(tmp_path) + flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_model_path_that_is_a_directory_is_named(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    argv = _files(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "models"), *argv[1:]])
+    assert exit_info.value.code == 2 and f"model file {tmp_path / 'models'} is a directory" in capsys.readouterr().err
+
+
+def test_the_report_records_the_effective_setting_with_defaults(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from vquant_pl.config import QuantConfig
+
+    titles = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (titles.append(self.axes[0].get_title()),
+                                                                   real(self, *a, **k))[1])
+    assert main(_files(tmp_path) + ["--out", str(tmp_path / "d")]) == 0  # no setting given: the defaults
+    setting = json.loads((tmp_path / "d.json").read_text())["setting"]
+    assert setting == json.loads(json.dumps(QuantConfig().to_dict(resolved=True)))
+    assert (setting["weight_bits"], setting["act_bits"], setting["act_range"]) == (4, 4, "bn")
+    assert titles and titles[0].startswith("W4A4 bn:") and "None" not in titles[0]
+    assert analyze(_net(), torch.randn(4, 3, 6, 6), act_bits=None).setting["act_bits"] is None

@@ -266,18 +266,18 @@ def test_crafted_checkpoint_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
-def test_sweep_plot_has_one_line_per_model_and_method_ending_at_fp32():
+def test_sweep_plot_has_one_line_per_model_method_and_activation_bits_ending_at_fp32():
     from vquant_pl.plots import sweep_figure
 
     rows = [{"model": "m", "method": "float", "top1": 70.0, "_weight_bits": None},
-            *[{"model": "m", "method": method, "top1": top1, "_weight_bits": bits}
+            *[{"model": "m", "method": method, "top1": top1, "_weight_bits": bits, "_act_bits": bits}
               for method, points in (("squant/sigma", ((4, 40.0), (8, 69.0))), ("squant/bn", ((4, 50.0), (8, 69.5))))
               for bits, top1 in points],
             {"model": "m", "method": "squant/bn", "top1": None, "_weight_bits": 6, "status": "failed: x"}]
     ax = sweep_figure(rows).axes[0]
     lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
-    assert lines == {"m squant/sigma": ([0, 1, 2], [40.0, 69.0, 70.0]), "m squant/bn": ([0, 1, 2], [50.0, 69.5, 70.0]),
-                     "m FP32": ([2], [70.0])}
+    assert lines == {"m squant/sigma WxAx": ([0, 1, 2], [40.0, 69.0, 70.0]),
+                     "m squant/bn WxAx": ([0, 1, 2], [50.0, 69.5, 70.0]), "m FP32": ([2], [70.0])}
     assert [t.get_text() for t in ax.get_xticklabels()] == ["W4", "W8", "FP32"]
 
 

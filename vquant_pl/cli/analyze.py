@@ -16,7 +16,6 @@ error `||Wq - W|| / ||W||` and, for the input, the fraction of values outside th
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import pickle
@@ -62,7 +61,8 @@ class LayerSensitivity:
 
 @dataclass
 class SensitivityReport:
-    """All layers of one analysis, with the float and fully quantized scores."""
+    """All layers of one analysis, with the float and fully quantized scores; `setting` is the
+    setting that ran, every `QuantConfig` field (defaults included, sigma resolved)."""
 
     setting: dict
     num_images: int
@@ -125,7 +125,8 @@ class SensitivityReport:
         ax.set_yticks(list(y), [f"{r.name} ({r.kind})" for r in rows], fontsize=7)
         ax.set_xlabel("KL(float || quantized), mean over images")
         s = self.setting
-        ax.set_title(f"W{s.get('weight_bits')}A{s.get('act_bits')} {s.get('act_range', '')}: "
+        act = s.get("act_bits")
+        ax.set_title(f"W{s.get('weight_bits')}A{'float' if act is None else act} {s.get('act_range', '')}: "
                      f"full top-1 {_fmt(self.full_top1, '.2f')} vs float {_fmt(self.float_top1, '.2f')}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -160,7 +161,7 @@ def _logits(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
 
 def _scores(logits: Tensor, ref_logp: Tensor, labels: Tensor | None) -> tuple[float, float, float | None]:
     logp = F.log_softmax(logits.float(), 1)
-    kl = float((ref_logp.exp() * (ref_logp - logp)).sum(1).mean())
+    kl = max(float((ref_logp.exp() * (ref_logp - logp)).sum(1).mean()), 0.0)  # >= 0; rounding gives -1e-7
     agreement = float((logits.argmax(1) == ref_logp.argmax(1)).float().mean())
     top1 = None if labels is None else float((logits.argmax(1) == labels).float().mean())
     return kl, agreement, top1
@@ -175,12 +176,13 @@ def _transformed_copy(model: nn.Module, images: Tensor, labels: Tensor | None, s
     reference is the equalized, unclipped model."""
     from .. import quantize as qz
     from ..config import QuantConfig
+    from ..export import _copy
 
     if images.dim() < 2 or len(images) == 0:
         raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    work = copy.deepcopy(model).eval()
+    work = _copy(model).eval()  # deepcopy, also of a pruned layer whose weight has autograd history
     config = QuantConfig.from_kwargs(**settings)
     keep_clip = config.mixed_precision is not None and config.weight_clip
     qz.apply_transforms(work, config.replace(weight_clip=config.weight_clip and not keep_clip),
@@ -218,33 +220,42 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor | None = None, batc
     """
     from .. import quantize as qz
 
+    from ..config import QuantConfig
+
+    setting = QuantConfig.from_kwargs(**settings).to_dict(resolved=True)  # what runs, defaults included
     work, config, layers = _transformed_copy(model, images, labels, settings)
+    # where the forward reads each weight from: `weight`, or `weight_orig` of a pruned layer
+    # (its pre-hook recomputes `weight = weight_orig * mask` before every forward)
+    sources = [qz.weight_source(name, layer) for name, layer in layers]
     float_logits = _logits(work, images, batch_size)
     ref_logp = F.log_softmax(float_logits.float(), 1)
     float_top1 = None if labels is None else float((float_logits.argmax(1) == labels).float().mean())
-    floats = [layer.weight.detach().clone() for _, layer in layers]
+    floats = [getattr(layer, src).detach().clone() for (_, layer), src in zip(layers, sources)]
+    float_used = [layer.weight.detach().clone() for _, layer in layers]  # what the forward multiplies by
 
     qz.quantize_model(work, config=config)
     try:
         full_kl, full_agree, full_top1 = _scores(_logits(work, images, batch_size), ref_logp, labels)
-        quantized = [layer.weight.detach().clone() for _, layer in layers]
+        quantized = [getattr(layer, src).detach().clone() for (_, layer), src in zip(layers, sources)]
+        quantized_used = [layer.weight.detach().clone() for _, layer in layers]
         ranges = qz.activation_ranges(work)
     finally:
         qz.restore_model(work)
-    for (_, layer), w in zip(layers, floats):  # the transformed float weights, whatever restore did
-        layer.weight.copy_(w)
+    for (_, layer), src, w in zip(layers, sources, floats):  # the transformed float weights, whatever restore did
+        getattr(layer, src).copy_(w)
 
     quantizers = [None if r is None else _make_quantizer(r, layer) for r, (_, layer) in zip(ranges, layers)]
     clipped = _clip_fractions(work, layers, quantizers, images, batch_size)
-    report = SensitivityReport(dict(settings), len(images), float_top1, full_top1,
-                               full_agree, full_kl)
+    report = SensitivityReport(setting, len(images), float_top1, full_top1, full_agree, full_kl)
     for i, (name, layer) in enumerate(layers):
-        layer.weight.copy_(quantized[i])
+        target = getattr(layer, sources[i])
+        target.copy_(quantized[i])
         try:
             w_kl, w_agree, w_top1 = _scores(_logits(work, images, batch_size), ref_logp, labels)
         finally:
-            layer.weight.copy_(floats[i])
-        rel = float((quantized[i].float() - floats[i].float()).norm() / floats[i].float().norm().clamp_min(1e-12))
+            target.copy_(floats[i])
+        w, q = float_used[i].float(), quantized_used[i].float()
+        rel = float((q - w).norm() / w.norm().clamp_min(1e-12))
         row = LayerSensitivity(i, name, layer_kind(name, layer, i, len(layers)), tuple(layer.weight.shape),
                                w_kl, w_agree, w_top1, rel)
         q = quantizers[i]
@@ -451,18 +462,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounding", default=None, help="default: the recipe's, else QuantConfig's")
     p.add_argument("--recipe", default=None, help="a recipe name (configs/recipes/: vquant, squant, bn, ...) or a "
                    "YAML file with quant:; the flags given (--weight-bits etc.) override it")
-    p.add_argument("--top", type=int, default=20, help="rows printed (all are written to CSV)")
-    p.add_argument("--out", default=None, help="output prefix for .csv, .json and .png (never overwritten)")
+    p.add_argument("--top", type=int, default=None, help="rows printed (default 20; all are written to CSV); "
+                   "not with --kinds, which prints every kind")
+    p.add_argument("--out", default=None, help="output prefix: PREFIX.csv, PREFIX.json and PREFIX.png, the suffix "
+                   "added to the whole prefix (never overwritten)")
     p.add_argument("--allow-pickle", action="store_true", help="MODEL is a whole pickled model you trust")
     p.add_argument("--kinds", action="store_true", help="instead: the error split by kind (weights, input "
                    "clipping, input rounding, per-tensor ranges per layer kind; `error_kinds`)")
     args = p.parse_args(argv)
+    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--top", args.top)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.kinds and args.top is not None:
+        p.error("--top selects rows of the per-layer table; --kinds prints every error kind: drop --top")
+    top = 20 if args.top is None else args.top
     out = Path(args.out) if args.out else None
     suffixes = [".png"] if args.kinds else [".csv", ".json", ".png"]
-    targets = [out.with_suffix(x) for x in suffixes] if out else []
+    # appended to the whole prefix: `--out run_v1.5` writes run_v1.5.csv, not run_v1.csv
+    targets = [out.with_name(out.name + x) for x in suffixes] if out else []
     taken = [str(t) for t in targets if t.exists()]
     if taken:  # refused before any work: no file of yours is overwritten
         p.error(f"--out {args.out}: {', '.join(taken)} would be overwritten; choose another --out")
+    from ..config import QuantConfig
     from .files import load_tensors
     from .recipes import load_recipe
 
@@ -474,13 +495,24 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = (data.get("images"), data.get("labels")) if isinstance(data, dict) else (data, None)
     if not isinstance(images, Tensor) or not (labels is None or isinstance(labels, Tensor)):
         p.error(f"--images {args.images} holds no image tensor (a tensor, or a dict with 'images' and 'labels')")
+    if images.dim() < 2 or len(images) == 0:
+        p.error(f"--images {args.images}: the images must be a non-empty batch, got shape {tuple(images.shape)}")
     images = images[:args.num]
     labels = None if labels is None else labels[:args.num]
-    from ..models import create_model
-
-    model, _ = create_model(args.model, allow_pickle=args.allow_pickle)
+    if labels is not None and len(labels) != len(images):
+        p.error(f"--images {args.images}: {len(labels)} labels for {len(images)} images")
     quant.update({k: v for k, v in (("weight_bits", args.weight_bits), ("act_bits", args.act_bits),
                                     ("act_range", args.act_range), ("rounding", args.rounding)) if v is not None})
+    try:  # the setting is checked before the model is built
+        QuantConfig.from_kwargs(**quant)
+    except (TypeError, ValueError) as err:
+        p.error(str(err))
+    from ..models import MissingExtra, UnsafeFile, WeightsUnavailable, create_model
+
+    try:
+        model, _ = create_model(args.model, allow_pickle=args.allow_pickle)
+    except (FileNotFoundError, IsADirectoryError, UnsafeFile, MissingExtra, WeightsUnavailable, ValueError) as err:
+        p.error(str(err))
     if args.kinds:
         rows = error_kinds(model.eval(), images, labels, args.batch_size, **quant)
         print(kinds_table(rows, len(images)))
@@ -490,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {targets[0]}")
         return 0
     report = analyze(model.eval(), images, labels, args.batch_size, **quant)
-    print(report.table(args.top))
+    print(report.table(top))
     print("\nby kind (sum of KL):")
     for kind, d in sorted(report.by_kind().items(), key=lambda kv: -kv[1]["weight_kl"] - kv[1]["input_kl"]):
         print(f"  {kind:10s} {int(d['layers']):3d} layers  weight {d['weight_kl']:.4f}  input {d['input_kl']:.4f}")

@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 EXPORT_USAGE = "vquant export --config CONFIG --out model.onnx [--GROUP.OPTION VALUE ...]"
+#: Lightning's loggers of its `GPU available: ...` lines, which `vquant export` (no Trainer run) does not print.
+BANNER_LOGGERS = [f"{ns}.utilities.rank_zero" for ns in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                                                           "lightning_fabric")]
 
 
 def _export_error(text: str) -> int:
@@ -299,16 +302,38 @@ def _export_error(text: str) -> int:
     return 2
 
 
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's message, without terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def _no_banner():
+    loggers = [logging.getLogger(name) for name in BANNER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export_main(argv: list[str]) -> int:
-    """`vquant export --config NAME --out model.onnx [--model.* / --quant.* overrides]`: the
-    config's model, quantized by its `quant` settings as `vquant test` quantizes it (its
+    """`vquant export --config NAME --out model.onnx [--model.* / --quant.* / --data.* overrides]`:
+    the config's model, quantized by its `quant` settings as `vquant test` quantizes it (its
     `quant.target`; a data-driven `act_range` calibrated on the data module's validation
-    images), written by `vquant_pl.export_onnx` and checked in onnxruntime on one random
-    batch; never over a file. Returns the exit status (2: a bad argument or a model that
-    cannot be exported, with the reason)."""
+    images), written by `vquant_pl.export_onnx` at the data module's input size (its
+    preprocessing, `--data.image_size` included, goes into the file's metadata) and checked
+    in onnxruntime on one random batch; never over a file. Returns the exit status (2: a bad
+    argument, or a model that cannot be exported, with the reason in one line)."""
+    import pickle
+
     import torch
 
-    from ..export import export_onnx, require_onnx
+    from ..export import check_config, export_onnx, require_onnx
     from ..methods.table import METHODS
     from ..quantize import quantize_model
 
@@ -328,30 +353,45 @@ def export_main(argv: list[str]) -> int:
     if out.exists():
         return _export_error(f"{out} exists; choose another --out")
     try:
-        cli = make_cli(rest, run=False, save_config=False)
-    except FileNotFoundError as err:
-        return _export_error(str(err))
+        with _no_banner():
+            cli = make_cli(rest, run=False, save_config=False)
+    except (OSError, ValueError, pickle.UnpicklingError) as err:  # a missing config, an unsafe model file, ...
+        return _export_error(_one_line(err))
+    except Exception as err:  # Lightning's refusal of a Trainer setting (its class lives in either namespace)
+        if type(err).__name__ != "MisconfigurationException":
+            raise
+        return _export_error(_one_line(err))
+    trainer = cli.config.get("trainer") or {}
+    if str(trainer.get("precision") or "32-true") not in ("32", "32-true"):  # never a setting accepted and ignored
+        return _export_error(f"trainer.precision={trainer.get('precision')!r}: vquant export writes the float32 "
+                             "model (float32 scales, QDQ of float32 tensors); drop trainer.precision")
+    if str(trainer.get("accelerator") or "auto") not in ("auto", "cpu"):
+        return _export_error(f"trainer.accelerator={trainer.get('accelerator')!r}: vquant export quantizes and "
+                             "exports on the CPU; drop trainer.accelerator")
     callback = next((c for c in cli.trainer.callbacks if hasattr(c, "config") and hasattr(c, "export")), None)
     if callback is None or callback.config is None:
         return _export_error("the config quantizes nothing (quant.weight_bits is null)")
-    if callback.export is not None:  # never a setting accepted and then ignored
+    if callback.export is not None:
         return _export_error(f"quant.export={callback.export!r} is the callback's file (written during `vquant test`); "
                              "vquant export writes --out only: drop quant.export")
     config = callback.config
-    calibration = None
-    if config.quantizes_activations and METHODS[config.act_range].calibrated:  # as the callback calibrates
-        calibration = cli.datamodule.val_dataloader()
-    prep = cli.model.preprocessing
-    size = tuple(prep.input_size) if prep is not None else (224, 224)
-    cli.model.eval()
+    prep = cli.datamodule.preprocessing  # the model's, with --data.image_size & co. applied: what `vquant test` feeds
     try:
+        check_config(config)  # before the work of quantizing
+        calibration = None
+        if config.quantizes_activations and METHODS[config.act_range].calibrated:  # as the callback calibrates
+            calibration = cli.datamodule.val_dataloader()
+        cli.model.eval()
         quantize_model(callback.target_module(cli.model), probe=callback.probe, calibration=calibration, config=config)
-        report = export_onnx(cli.model.model, out, torch.rand(2, 3, *size))
+        report = export_onnx(cli.model.model, out, torch.rand(2, 3, *prep.input_size), preprocessing=prep)
     except ValueError as err:  # a setting or layer that cannot be quantized or written, named
         return _export_error(str(err))
+    except (OSError, torch.onnx.OnnxExporterError) as err:  # the file taken meanwhile; torch.onnx's own failure
+        return _export_error(_one_line(err))
     print(report.table())
     print(f"wrote {out}: onnxruntime vs PyTorch on a random batch, largest output difference "
-          f"{report.max_abs_diff:.3g}; integer kernels: {len(report.integer_layers)} of {len(report.layers)} layers")
+          f"{report.max_abs_diff:.3g} (with onnxruntime's optimized kernels {report.optimized_diff:.3g}); "
+          f"integer kernels: {len(report.integer_layers)} of {len(report.layers)} layers")
     return 0
 
 

@@ -244,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--golden", default=None, help="a golden file (squant_golden.pt) to check every case of")
     parser.add_argument("--emulation", action="store_true", help="also check the CUDA sources under the CPU emulation")
     parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per row (median)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per row (median; at least 1)")
     args = parser.parse_args(argv)
+    if args.runs < 1:  # checked before any work: a median needs a run
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     start = time.perf_counter()
     print(f"vquant selftest: torch {torch.__version__}, CUDA device: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")

@@ -4,9 +4,17 @@ every run, plot it, and keep each run's config, quantization report and per-laye
     vquant sweep paper/resnet18_w4a4 paper/resnet18_fp32 --out runs/sweep [--data.root /data/imagenet ...]
     vquant sweep configs/quickstart/*.yaml [--fail-fast] [--onnx]
 
-Configs are files or names of shipped configs (`quickstart/*` globs among them). Arguments
-after the configs that start with `--` are passed to every run (LightningCLI overrides).
-A run that fails becomes a row with its reason (`--fail-fast` stops there instead). On an
+Configs are files or names of shipped configs (`quickstart/*` globs among them: the YAML
+files a glob matches in the current folder, else the shipped ones; a glob that matches no
+YAML file is an error naming where it looked). Arguments after the configs that start with
+`--` are passed to every run (LightningCLI overrides). Every config is checked, with the
+overrides, before the first run (`check_configs`: parsed by the CLI's parser, its `quant` and
+`data` groups built, its checkpoint looked for): when any is refused, the sweep runs
+nothing and names each one with its reason. A run that fails becomes a row with its reason,
+also when the CLI's parser refuses it (`--fail-fast` stops there instead). The paper's top-1
+(`paper top-1`, `diff`) stands only beside a run that is the paper's experiment, its whole
+setting equal to the paper config's row (`vquant_pl.cli.paper.paper_comparison`); another
+run of a paper model and bit width shows `-` there, the table naming what differs. On an
 unlabeled image set (the data module's `root: null`) each run is scored against its
 model's float predictions on the same images: top-1/top-5 agreement, the mean KL divergence
 of the float softmax to the quantized one, and the mean cosine similarity of the logits.
@@ -33,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .paper import paper_top1
+from .paper import paper_comparison
 
 COLUMNS = ["config", "model", "bits", "method", "top1", "top5", "kl", "cosine", "paper_top1", "diff", "quant_ms",
            "samples", "skipped", "scored_by", "status"]
@@ -232,13 +240,12 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
     Scored by the labels, or, on unlabeled data or with `against_float`, against the float model.
     With `onnx`, a quantized run is exported to `run_dir / "model.onnx"` (a temporary folder
     without `run_dir`) and scored in onnxruntime on the same images (`onnx_scores`)."""
-    from .app import make_cli
     from ..plots import available, layer_figure, save
 
     config = Path(config)
     if run_dir is not None:  # the user's --trainer.default_root_dir, after it, wins
         overrides = ["--trainer.default_root_dir", str(run_dir), *overrides]
-    cli = make_cli(["--config", str(config), *overrides], run=False, save_config=False)
+    cli = _cli(config, overrides)
     writes = run_dir is not None and _global_zero()
     if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -276,9 +283,18 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
         if available("layers.png"):
             save(layer_figure(report), run_dir / "layers.png")
     mixed = settings.get("mixed_precision") if settings and wb is not None else None
-    paper = None if mixed else paper_top1(spec, wb, settings["act_bits"] if settings else None,
-                                          settings["rounding"] if wb else "-")  # the paper's rows are uniform
+    hparams = dict(getattr(model, "hparams", {}))
+    # the paper's number only beside the paper's experiment: every setting equal to its row's
+    paper, paper_note = paper_comparison(spec, settings, pretrained=hparams.get("pretrained", True),
+                                         checkpoint=hparams.get("checkpoint"),
+                                         num_classes=hparams.get("num_classes", 1000),
+                                         target=cb.target if cb is not None else None, data=dict(data.hparams),
+                                         precision=str(trainer.precision))
+    if mixed:  # the paper's rows are uniform
+        paper = None
     ab = settings["act_bits"] if settings else None
+    if paper_note is not None:
+        row["_paper_note"] = paper_note
     return row | {
         "bits": "FP32" if wb is None else f"W{wb}A{ab if ab is not None else 'fp'}" + (" (average)" if mixed else ""),
         "method": "float" if wb is None else _method(settings),
@@ -286,7 +302,8 @@ def run_config(config: str | Path, overrides: list[str], reference_cache: dict, 
         "paper_top1": paper,
         "diff": None if paper is None or row["scored_by"] != "labels" else round(row["top1"] - paper, 2),
         "quant_ms": round(report.weight_time_s * 1e3, 1) if report else None,
-        "status": "ok", "_weight_bits": wb, "_seconds": time.perf_counter() - start,
+        "status": "ok", "_weight_bits": wb, "_act_bits": ab if wb is not None else None,
+        "_seconds": time.perf_counter() - start,
     }
 
 
@@ -318,6 +335,11 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [_cell(r, c) for c in names]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = [(r.get("config"), r["_paper_note"]) for r in rows if r.get("_paper_note")]
+    if notes:  # the paper has a row for the model and bits, but the run is another experiment
+        lines += ["", "paper top-1 is `-` where the run differs from the paper's row "
+                      "(its config in configs/paper/, pretrained weights, no checkpoint):"]
+        lines += [f"- {config}: {note}" for config, note in notes]
     return "\n".join(lines)
 
 
@@ -352,22 +374,153 @@ def write_results(rows: list[dict], paths: tuple[Path, Path, Path]) -> list[Path
 
 
 def _configs(names: list[str], parser: argparse.ArgumentParser) -> list[Path]:
+    """The config files `names` stand for: files, shipped names, or globs of either. A glob
+    takes the YAML files it matches from the current folder, else (none there) the shipped
+    ones; a glob that matches no YAML file in either place is an error naming both."""
     from .app import configs_dir, resolve_config
 
     found: list[Path] = []
     for name in names:
         if glob.has_magic(name):
             pattern = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-            matches = sorted(glob.glob(name)) or sorted(glob.glob(str(configs_dir() / pattern)))
+            here = sorted(glob.glob(name))
+            local = [m for m in here if m.endswith((".yaml", ".yml")) and Path(m).is_file()]
+            shipped = sorted(glob.glob(str(configs_dir() / pattern)))
+            matches = local or shipped
             if not matches:
-                parser.error(f"no config matches {name}")
-            found += [Path(m) for m in matches if m.endswith((".yaml", ".yml"))]
+                others = f" ({len(here)} match(es) there, none a .yaml/.yml file: {', '.join(here[:3])}" \
+                         f"{' ...' if len(here) > 3 else ''})" if here else ""
+                parser.error(f"no config matches {name}: looked for YAML files matching {name} in "
+                             f"{Path.cwd()}{others} and for shipped configs matching {pattern} in {configs_dir()}")
+            found += [Path(m) for m in matches]
         else:
             try:
                 found.append(resolve_config(name))
             except FileNotFoundError as err:
                 parser.error(str(err))
     return found
+
+
+class ConfigRefused(RuntimeError):
+    """The CLI's parser refused a config (with the overrides): an unknown key, a wrong type, ..."""
+
+
+class _Tail:
+    """A text stream that writes through to `stream` and keeps the last characters written."""
+
+    def __init__(self, stream, keep: int = 4000):
+        self.stream, self.keep, self.text = stream, keep, ""
+
+    def write(self, text: str) -> int:
+        self.text = (self.text + text)[-self.keep:]
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _parser_message(text: str) -> str:
+    """The `error: ...` of a jsonargparse usage dump, on one line."""
+    message = text.rsplit("error: ", 1)[1] if "error: " in text else text
+    return " ".join(message.split())
+
+
+def _cli(config: Path, overrides: list[str]):
+    """`make_cli` for one run (parsed and instantiated); a refusal by its parser (a SystemExit
+    after its usage text) is a `ConfigRefused` with the parser's message."""
+    import sys
+
+    from .app import make_cli
+
+    tail = _Tail(sys.stderr)
+    try:
+        with contextlib.redirect_stderr(tail):
+            return make_cli(["--config", str(config), *overrides], run=False, save_config=False)
+    except SystemExit as err:
+        if err.code in (0, None):
+            raise ConfigRefused("the command line exited without running (an option such as --help or "
+                                "--print_config is not for a sweep)") from err
+        raise ConfigRefused(_parser_message(tail.text) or f"exit status {err.code}") from err
+
+
+def _parser():
+    """The `vquant` CLI's parser (`make_cli` with nothing parsed nor instantiated): to check
+    configs up front, raising `ArgumentError` instead of exiting."""
+    from . import app
+
+    real = app._cli_classes
+
+    def classes(namespace):
+        cli_class, save_class = real(namespace)
+
+        class ParseOnly(cli_class):
+            def parse_arguments(self, parser, args) -> None:
+                self.config = parser.get_defaults()
+
+            def _set_seed(self) -> None:
+                pass
+
+            def before_instantiate_classes(self) -> None:
+                pass
+
+            def instantiate_classes(self) -> None:
+                pass
+
+            def after_instantiate_classes(self) -> None:
+                pass
+
+        return ParseOnly, save_class
+
+    app._cli_classes = classes
+    try:
+        parser = app.make_cli([], run=False, save_config=False).parser
+    finally:
+        app._cli_classes = real
+    parser.exit_on_error = False
+    return parser
+
+
+def check_configs(configs: list[Path], overrides: list[str]) -> list[tuple[Path, str]]:
+    """Every config (with the overrides) as each run will read it, before any run: parsed by
+    the CLI's parser (unknown keys, types, choices), the `quant` group built into its callback
+    (every `QuantConfig` rule) and the `data` group into its data module, the checkpoint and a
+    model file looked for. Returns `(config, reason)` for each one refused (empty: all good).
+    The model itself is built only by its run (it may download weights)."""
+    from .._lightning import active_namespace, variant
+    from ..callbacks import VQuantCallback
+    from ..datamodules import ImageNetDataModule
+    from ..models import SOURCES
+    from .app import _resolve_config_args
+
+    namespace = active_namespace()
+    parser = _parser()
+    bad: list[tuple[Path, str]] = []
+    for config in configs:
+        try:
+            cfg = parser.parse_args(_resolve_config_args(["--config", str(config), *overrides]))
+        except SystemExit as err:  # --help, --print_config: they print, then exit
+            bad.append((config, f"the command line exited while parsing (exit status {err.code}): an option such as "
+                                "--help or --print_config is not for a sweep"))
+            continue
+        except Exception as err:  # noqa: BLE001 -- jsonargparse's ArgumentError, a YAML error, ...
+            bad.append((config, " ".join(str(err).split()) or type(err).__name__))
+            continue
+        reasons = []
+        for group, cls in (("quant", VQuantCallback), ("data", ImageNetDataModule)):
+            try:
+                variant(cls, namespace)(**cfg[group].as_dict())
+            except Exception as err:  # noqa: BLE001 -- each group's own checks, named
+                reasons.append(f"{group}: {_first_line(err)}")
+        model = cfg["model"]
+        if model.get("checkpoint") is not None and not Path(model["checkpoint"]).is_file():
+            reasons.append(f"model: checkpoint {model['checkpoint']} is not a file")
+        spec = str(model.get("model"))
+        if spec.partition(":")[0] not in SOURCES and not Path(spec).is_file():
+            reasons.append(f"model: {spec} is neither a model file nor 'source:name' with source one of "
+                           f"{', '.join(SOURCES)}")
+        if reasons:
+            bad.append((config, "; ".join(reasons)))
+    return bad
 
 
 def run_names(configs: list[Path], out: Path | None = None) -> list[str]:
@@ -425,6 +578,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from .app import quiet_lightning
 
     with quiet_lightning():
+        bad = check_configs(configs, overrides)  # a typo in the last config shows now, not after hours of runs
+        if bad:
+            parser.error(f"{len(bad)} of {len(configs)} config(s) refused, nothing was run:\n"
+                         + "\n".join(f"  {config}: {reason}" for config, reason in bad))
         return _sweep(configs, overrides, Path(args.out), args.fail_fast, args.against_float, args.onnx)
 
 
@@ -457,7 +614,7 @@ def _sweep(configs: list[Path], overrides: list[str], out: Path, fail_fast: bool
             write(rows)
             say(f"interrupted; {len(rows)} finished run(s) are in {paths[0]}")
             raise
-        except Exception as err:  # a failed run is a row with its reason
+        except (Exception, SystemExit) as err:  # a failed run is a row with its reason
             row = _failed_row(config, err)
             say(f"[{i}/{len(configs)}] {name}: {row['status']} ({time.perf_counter() - start:.0f} s)")
             rows.append(row | {"config": name})
