@@ -83,8 +83,8 @@ def build(name: str, sample: Path):
 def accuracy(args) -> None:
     print(f"# export agreement, {machine()}, onnxruntime CPU, images: {args.sample}")
     print("| model | images | PyTorch top-1 / top-5 | onnxruntime top-1 / top-5 | same top-1 class | max logit diff "
-          "| integer kernels in onnxruntime |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| without graph optimizations: top-1 / top-5, same class, max diff | integer kernels in onnxruntime |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         model, transform = build(name, args.sample)
         images, labels = load_images(args.sample, transform)
@@ -93,16 +93,18 @@ def accuracy(args) -> None:
             report = vq.export_onnx(model, path, images[:2])
             with torch.no_grad():
                 want = torch.cat([model(b) for b in images.split(25)])
-            session = ort_session(path)
-            got = torch.cat([torch.from_numpy(run_onnx(session, b)) for b in images.split(25)])
-        pt, ox = topk(want, labels), topk(got, labels)
+            got, plain = (torch.cat([torch.from_numpy(run_onnx(session, b)) for b in images.split(25)])
+                          for session in (ort_session(path), ort_session(path, optimize=False)))
+        pt, ox, op = topk(want, labels), topk(got, labels), topk(plain, labels)
         same = int((want.argmax(1) == got.argmax(1)).sum())
+        same_plain = int((want.argmax(1) == plain.argmax(1)).sum())
         ops = {}
         for layer in report.layers:
             ops[layer.ort_op] = ops.get(layer.ort_op, 0) + 1
         kinds = ", ".join(f"{op} {n}" for op, n in sorted(ops.items()))
         print(f"| {name} | {len(labels)} | {pt[0]} / {pt[1]} | {ox[0]} / {ox[1]} | {same}/{len(labels)} | "
-              f"{float((got - want).abs().max()):.3g} | {kinds} |", flush=True)
+              f"{float((got - want).abs().max()):.3g} | {op[0]} / {op[1]}, {same_plain}/{len(labels)}, "
+              f"{float((plain - want).abs().max()):.3g} | {kinds} |", flush=True)
         if args.layers:
             print(report.table(), file=sys.stderr)
 
