@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import dataclasses
 import importlib.util
 import itertools
@@ -76,7 +75,7 @@ from .models import Preprocessing, preprocessing_for
 from .nvidia.quant_modules import TensorQuantizer
 from .ops.affine import ActivationQuantizer, ChannelActivationQuantizer, affine_scale, dequantize
 from .quantize import weight_source, apply_transforms
-from .state import input_quantizer, iter_states, originals, restore_all, storage_key
+from .state import copy_model, input_quantizer, iter_states, originals, restore_all, storage_key
 
 OPSET = 21
 EXTRA = "pip install 'vquant-pl[export]'"
@@ -259,7 +258,7 @@ def _weights_before_rounding(model: nn.Module, states: list) -> dict[str, Tensor
     a restored copy."""
     config = states[0][2].run.config
     if config.equalize or config.weight_clip:
-        twin = _copy(model)
+        twin = copy_model(model)
         restore_all(twin)
         layers = [(name, twin.get_submodule(name)) for name, _, _ in states]
         bits = {name: state.row.weight_bits for name, _, state in states}  # each layer's, under mixed precision
@@ -282,14 +281,6 @@ def _weights_before_rounding(model: nn.Module, states: list) -> dict[str, Tensor
             raise ValueError(f"layer {name!r}: the float weight before rounding is not saved on the model")
         out[name] = value
     return out
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """`copy.deepcopy`, also of a pruned layer after a forward with gradients: its `weight`
-    (recomputed by the pruning pre-hook) then has autograd history, which deepcopy refuses."""
-    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
-            if isinstance(v, Tensor) and v.grad_fn is not None}
-    return copy.deepcopy(model, memo)
 
 
 # ------------------------------------------------------------------------ operators for the export
@@ -588,7 +579,7 @@ def _export(model: nn.Module, path: Path, example_input: Tensor, dynamic_batch: 
     if bad is not None:
         raise ValueError(f"tensor {bad!r} of the model is not float32: export a float32 model (model.float())")
     metadata = _metadata(model, example_input, preprocessing)
-    twin = _copy(model).cpu().eval()
+    twin = copy_model(model).cpu().eval()
     x = example_input.detach().cpu().clone()
     # the reference: the model in float32 on the CPU, as onnxruntime runs the file (not a GPU's TF32 convolutions)
     on_cpu = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device.type == "cpu"
@@ -643,9 +634,13 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
 
 def _metadata(model: nn.Module, example_input: Tensor, preprocessing: Preprocessing | None) -> dict[str, str]:
     """The file's metadata_props: vquant's version, the preprocessing, the QuantConfig (JSON)."""
-    from . import __version__
+    from importlib import metadata
 
-    meta = {"vquant.version": __version__}
+    try:
+        version = metadata.version("vquant-pl")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = "unknown"
+    meta = {"vquant.version": version}
     prep = preprocessing if preprocessing is not None else preprocessing_for(model)
     size = tuple(example_input.shape[-2:]) if example_input.dim() == 4 else None
     if prep is not None and size is not None and tuple(prep.input_size) != size:

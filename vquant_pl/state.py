@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -224,3 +225,11 @@ def restore_all(model: nn.Module) -> int:
         count += held
     return count
 
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy` (a quantized model's copy is quantized), also of a pruned layer after a
+    forward with gradients: its `weight` (recomputed by the pruning pre-hook) then has
+    autograd history, which deepcopy refuses."""
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, Tensor) and v.grad_fn is not None}
+    return copy.deepcopy(model, memo)

@@ -281,11 +281,11 @@ def test_a_parser_exit_during_a_run_is_a_failed_row(tmp_path, monkeypatch, fail_
     real = app.make_cli
     exits = tmp_path / "exits.yaml"
 
-    def make_cli(args=None, run=True, save_config=True):
+    def make_cli(args=None, run=True, save_config=True, parse_only=False):
         if str(exits) in (args or []):  # as jsonargparse refuses: usage on stderr, then exit 2
             print("usage: vquant ...\nerror: Parser key \"model.model\": changed since the check", file=_sys.stderr)
             raise SystemExit(2)
-        return real(args, run=run, save_config=save_config)
+        return real(args, run=run, save_config=save_config, parse_only=parse_only)
 
     monkeypatch.setattr(app, "make_cli", make_cli)
     exits.write_text("model:\n  model: timm:nope0\n")

@@ -176,13 +176,13 @@ def _transformed_copy(model: nn.Module, images: Tensor, labels: Tensor | None, s
     reference is the equalized, unclipped model."""
     from .. import quantize as qz
     from ..config import QuantConfig
-    from ..export import _copy
+    from ..state import copy_model
 
     if images.dim() < 2 or len(images) == 0:
         raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    work = _copy(model).eval()  # deepcopy, also of a pruned layer whose weight has autograd history
+    work = copy_model(model).eval()  # deepcopy, also of a pruned layer whose weight has autograd history
     config = QuantConfig.from_kwargs(**settings)
     keep_clip = config.mixed_precision is not None and config.weight_clip
     qz.apply_transforms(work, config.replace(weight_clip=config.weight_clip and not keep_clip),
@@ -214,7 +214,7 @@ def analyze(model: nn.Module, images: Tensor, labels: Tensor | None = None, batc
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         ...                           torch.nn.Conv2d(8, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
-        >>> rep = analyze(net, torch.rand(16, 3, 16, 16), weight_bits=4, act_bits=4, probe_shape=(4, 3, 16, 16))
+        >>> rep = analyze(net, torch.rand(16, 3, 16, 16), weight_bits=4, act_bits=4)
         >>> sorted(r.name for r in rep.sorted())  # print(rep.table(top=10)) shows the worst layers first
         ['0', '3']
     """
@@ -354,11 +354,12 @@ def error_kinds(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         ...                           torch.nn.Conv2d(8, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
-        >>> rows = error_kinds(net, torch.rand(16, 3, 16, 16), weight_bits=4, act_bits=4, probe_shape=(4, 3, 16, 16))
+        >>> rows = error_kinds(net, torch.rand(16, 3, 16, 16), weight_bits=4, act_bits=4)
         >>> rows[0].what, rows[1].what  # then each kind of error alone; row.kl is its KL to float
         ('full setting', 'weights only (bias-corrected)')
     """
     from .. import quantize as qz
+    from ..config import QuantConfig
     from ..layers import QUANTIZABLE, in_channels, input_channel_dim
     from ..methods.bn_graph import DEFAULT_BN_K, bn_stats
     from ..methods.channels import bn_channel_quantizer
@@ -378,7 +379,9 @@ def error_kinds(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
     finally:
         qz.restore_model(work)
     if config.weight_bits is not None:
-        qz.quantize_model(work, config=config.without_activations())
+        default = QuantConfig()  # float inputs draw no probe: its settings at their defaults say so
+        qz.quantize_model(work, config=config.without_activations().replace(probe_seed=default.probe_seed,
+                                                                           probe_shape=default.probe_shape))
         try:
             score("weights only (bias-corrected)" if config.bn_bias_correction else "weights only")
         finally:

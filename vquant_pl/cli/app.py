@@ -91,7 +91,7 @@ def resolve_config(name: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"config {name} is neither a file nor a shipped config name{hint}")
 
 
-def _resolve_config_args(args: list[str]) -> list[str]:
+def resolve_config_args(args: list[str]) -> list[str]:
     out = list(args)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
@@ -127,6 +127,28 @@ def _fresh(path: Path) -> Path:
         i += 1
         candidate = path.with_name(f"{path.stem}_{i}{path.suffix}")
     return candidate
+
+
+def _parse_only(cli_class: type) -> type:
+    """`cli_class` that builds its parser and stops there."""
+
+    class ParseOnly(cli_class):
+        def parse_arguments(self, parser, args) -> None:
+            self.config = parser.get_defaults()
+
+        def _set_seed(self) -> None:
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def after_instantiate_classes(self) -> None:
+            pass
+
+    return ParseOnly
 
 
 def _cli_classes(namespace: str):
@@ -247,13 +269,15 @@ def _argv(args: list[str]):
         sys.argv = old
 
 
-def make_cli(args: list[str] | None = None, run: bool = True, save_config: bool = True):
+def make_cli(args: list[str] | None = None, run: bool = True, save_config: bool = True, parse_only: bool = False):
     """Build (and with `run`, run) the `vquant` LightningCLI on `args` (default: `sys.argv[1:]`).
 
     Args:
         args: command-line arguments, e.g. `["test", "--config", "paper/resnet18_w4a4"]`.
         run: run the subcommand; False parses and instantiates only (no subcommand then).
         save_config: save the resolved config into the log dir (never over a file).
+        parse_only: build the parser only (`cli.parser`; nothing parsed, seeded nor
+            instantiated), to check configs with it (the sweep does, before any run).
 
     Example:
         >>> cli = make_cli(["--config", "quickstart/w8a8", "--model.pretrained", "false"], run=False)
@@ -262,9 +286,11 @@ def make_cli(args: list[str] | None = None, run: bool = True, save_config: bool 
     """
     from ..datamodules import ImageNetDataModule
 
-    args = _resolve_config_args(sys.argv[1:] if args is None else list(args))
+    args = resolve_config_args(sys.argv[1:] if args is None else list(args))
     namespace = active_namespace()
     cli_class, save_class = _cli_classes(namespace)
+    if parse_only:
+        cli_class = _parse_only(cli_class)
     with _argv(args):
         return cli_class(variant(SpecClassifier, namespace), variant(ImageNetDataModule, namespace), run=run,
                          subclass_mode_model=False, subclass_mode_data=False, auto_configure_optimizers=False,

@@ -444,38 +444,10 @@ def _cli(config: Path, overrides: list[str]):
 
 
 def _parser():
-    """The `vquant` CLI's parser (`make_cli` with nothing parsed nor instantiated): to check
-    configs up front, raising `ArgumentError` instead of exiting."""
+    """The `vquant` CLI's parser, raising `ArgumentError` instead of exiting: to check configs up front."""
     from . import app
 
-    real = app._cli_classes
-
-    def classes(namespace):
-        cli_class, save_class = real(namespace)
-
-        class ParseOnly(cli_class):
-            def parse_arguments(self, parser, args) -> None:
-                self.config = parser.get_defaults()
-
-            def _set_seed(self) -> None:
-                pass
-
-            def before_instantiate_classes(self) -> None:
-                pass
-
-            def instantiate_classes(self) -> None:
-                pass
-
-            def after_instantiate_classes(self) -> None:
-                pass
-
-        return ParseOnly, save_class
-
-    app._cli_classes = classes
-    try:
-        parser = app.make_cli([], run=False, save_config=False).parser
-    finally:
-        app._cli_classes = real
+    parser = app.make_cli([], run=False, save_config=False, parse_only=True).parser
     parser.exit_on_error = False
     return parser
 
@@ -490,14 +462,14 @@ def check_configs(configs: list[Path], overrides: list[str]) -> list[tuple[Path,
     from ..callbacks import VQuantCallback
     from ..datamodules import ImageNetDataModule
     from ..models import SOURCES
-    from .app import _resolve_config_args
+    from .app import resolve_config_args
 
     namespace = active_namespace()
     parser = _parser()
     bad: list[tuple[Path, str]] = []
     for config in configs:
         try:
-            cfg = parser.parse_args(_resolve_config_args(["--config", str(config), *overrides]))
+            cfg = parser.parse_args(resolve_config_args(["--config", str(config), *overrides]))
         except SystemExit as err:  # --help, --print_config: they print, then exit
             bad.append((config, f"the command line exited while parsing (exit status {err.code}): an option such as "
                                 "--help or --print_config is not for a sweep"))
