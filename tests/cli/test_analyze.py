@@ -255,6 +255,9 @@ def test_out_suffixes_are_appended_to_the_whole_prefix(tmp_path, capsys):
     assert written == ["k.v2.png", "run_v1.5.csv", "run_v1.5.json", "run_v1.5.png", "run_v1.7.csv", "run_v1.7.json",
                        "run_v1.7.png"]
     assert f"wrote {tmp_path / 'run_v1.7.csv'}" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "named.csv")]) == 0  # a file name: its prefix, as before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("named")) == [
+        "named.csv", "named.json", "named.png"]
 
 
 @pytest.mark.parametrize("flags,message", [

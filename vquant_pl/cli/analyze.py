@@ -479,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.kinds and args.top is not None:
         p.error("--top selects rows of the per-layer table; --kinds prints every error kind: drop --top")
     top = 20 if args.top is None else args.top
-    out = Path(args.out) if args.out else None
     suffixes = [".png"] if args.kinds else [".csv", ".json", ".png"]
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix in (".csv", ".json", ".png"):  # a file name given: its prefix
+        out = out.with_suffix("")
     # appended to the whole prefix: `--out run_v1.5` writes run_v1.5.csv, not run_v1.csv
     targets = [out.with_name(out.name + x) for x in suffixes] if out else []
     taken = [str(t) for t in targets if t.exists()]
