@@ -159,8 +159,12 @@ class VQuantCallback(pl.Callback):
                 "them and the model you passed would come back float. Use strategy='ddp' launched from a script "
                 "(or torchrun), one device, or keep_quantized=False.")
         if self.export is not None and not self._exported:  # the file is a float32 model
-            other = next((f"{n} is {t.dtype}" for n, t in self.target_module(pl_module).named_parameters()
-                          if t.is_floating_point() and t.dtype != torch.float32), None)
+            try:
+                target = self.target_module(pl_module)
+            except ValueError:  # built later, in configure_model: the export itself refuses a non-float32 model
+                target = None
+            other = None if target is None else next((f"{n} is {t.dtype}" for n, t in target.named_parameters()
+                                                      if t.is_floating_point() and t.dtype != torch.float32), None)
             if trainer.precision in ("64-true", "16-true", "bf16-true"):
                 other = f"precision={trainer.precision!r} converts the model's weights off float32"
             if other is not None:
@@ -443,18 +447,24 @@ class VQuantCallback(pl.Callback):
 
 
 def calibration_batches(loader: Any) -> Optional["_InOrder"]:
-    """The batches a single device's `loader` gives: its dataset read in order at its batch
-    size, whatever its sampler (under DDP a rank's `UnrepeatedDistributedSampler` holds only
-    that rank's share), so that every world size calibrates on the same first batches. None
-    for a loader that is not a map-style DataLoader with a batch_size."""
-    from torch.utils.data import DataLoader, IterableDataset
+    """The batches a single device's `loader` gives, so that every world size calibrates on
+    the same first batches: a loader with a `DistributedSampler` (under DDP a rank's
+    `UnrepeatedDistributedSampler` holds only that rank's share) is read without it, through
+    the sampler it wraps where it wraps one (Lightning's `DistributedSamplerWrapper`), else in
+    order at its batch size; any other loader as it is, its own sampler kept. None for a
+    loader that is not a map-style DataLoader with a batch_size."""
+    from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) or not loader.batch_size:
         return None
-    return _InOrder(DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+    if not isinstance(loader.sampler, DistributedSampler):
+        return _InOrder(loader)
+    wrapped = getattr(loader.sampler.dataset, "_sampler", None)  # DistributedSamplerWrapper's own sampler
+    return _InOrder(DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, sampler=wrapped,
                                num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
-                               multiprocessing_context=loader.multiprocessing_context))
+                               multiprocessing_context=loader.multiprocessing_context,
+                               drop_last=loader.drop_last))
 
 
 class _InOrder:
@@ -477,7 +487,8 @@ def _digests(module: nn.Module) -> dict[str, bytes]:
     for key, tensor in module.state_dict(keep_vars=True).items():
         if isinstance(tensor, Tensor):
             digest = hashlib.blake2b(f"{tensor.dtype} {tuple(tensor.shape)}".encode(), digest_size=16)
-            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+            if tensor.device.type != "meta":  # a meta tensor has no values: its dtype and shape are its digest
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             out[key] = digest.digest()
     return out
 

@@ -90,14 +90,19 @@ def open_image(path: Path):
 def to_rgb(img):
     """`img` as 8-bit RGB. Integer samples wider than 8 bits are scaled by their depth, as
     torchvision's `to_dtype(..., scale=True)` does (a bit shift): 16 bits for mode I;16 and
-    for mode I from PNG/PPM (16-bit files Pillow reads as I), 31 for other mode I (32-bit
-    signed, negatives as 0). `img.convert("RGB")` alone clips them at 255: almost white."""
+    for mode I from PNG/PPM (16-bit files Pillow reads as I). Other mode I (32-bit signed,
+    e.g. TIFF) says nothing of its depth: the smallest of 8, 16 and 31 bits holding its values
+    (negatives as 0). `img.convert("RGB")` alone clips them at 255: almost white."""
     if img.mode == "I" or img.mode.startswith("I;16"):
         import numpy as np
         from PIL import Image
 
-        bits = 16 if img.mode != "I" or img.format in ("PNG", "PPM") else 31
-        pixels = np.maximum(np.asarray(img), 0) >> (bits - 8)
+        pixels = np.maximum(np.asarray(img), 0)
+        if img.mode != "I" or img.format in ("PNG", "PPM"):
+            bits = 16
+        else:
+            bits = next(b for b in (8, 16, 31) if int(pixels.max(initial=0)) < 2 ** b)
+        pixels = pixels >> (bits - 8)
         img = Image.fromarray(pixels.astype(np.uint8))
     return img.convert("RGB")
 

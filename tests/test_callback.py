@@ -463,3 +463,15 @@ def test_export_happens_once_per_callback_and_never_over_a_users_file(tmp_path):
     with pytest.raises(FileExistsError, match="mine.onnx"):
         _trainer(tmp_path, vq.VQuantCallback(8, 8, probe_shape=PROBE, export=str(mine), verbose=False)).test(module)
     assert mine.read_bytes() == b"user" and not vq.is_quantized(module)
+
+
+def test_the_kept_model_digest_reads_strided_and_meta_tensors():
+    from vquant_pl.callbacks.vquant import _digests
+
+    m = torch.nn.Module()
+    m.register_buffer("expanded", torch.ones(1).expand(4))  # stride 0: no flat view of its bytes
+    m.register_buffer("meta", torch.empty(3, device="meta"))
+    first = _digests(m)
+    assert set(first) == {"expanded", "meta"} and _digests(m) == first
+    m.expanded = torch.ones(4) * 2
+    assert _digests(m)["expanded"] != first["expanded"] and _digests(m)["meta"] == first["meta"]

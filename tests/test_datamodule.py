@@ -330,8 +330,10 @@ def test_wide_integer_images_are_scaled_to_8_bits(tmp_path):
     wide = (levels.astype(np.int64) << 23).astype(np.int32).reshape(4, 4)
     wide[0, 0] = -5  # negative: black
     Image.fromarray(wide, "I").save(tmp_path / f"{SYN[2]}_c.tif")  # 32-bit signed
+    Image.fromarray(levels.astype(np.int32).reshape(4, 4), "I").save(tmp_path / f"{SYN[3]}_d.tif")  # 8-bit values
+    Image.fromarray((levels * 257).astype(np.int32).reshape(4, 4), "I").save(tmp_path / f"{SYN[4]}_e.tif")  # 16-bit
     files = ImageFiles(scan(tmp_path), lambda im: (im.mode, np.asarray(im)))
-    for i in range(3):
+    for i in range(5):
         (mode, pixels), label = files[i]
         assert mode == "RGB" and label == i
         assert (pixels == levels.reshape(4, 4, 1)).all(), pixels[..., 0]

@@ -235,6 +235,26 @@ def test_calibration_reads_the_first_batches_in_order_at_any_world_size(tmp_path
     assert ranges(calibration_batches(rank0)) == ranges(single) != ranges(rank0)
 
 
+def test_calibration_keeps_a_loaders_own_sampler():
+    """A sampler that picks the calibration images (not a DistributedSampler) is the user's
+    choice: calibration reads what it gives, also through Lightning's DistributedSamplerWrapper."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from vquant_pl.callbacks.vquant import calibration_batches
+
+    data = TensorDataset(torch.arange(20.0))
+    picked = list(range(10, 20))
+    own = DataLoader(data, batch_size=4, sampler=torch.utils.data.SequentialSampler(picked))
+    subset = DataLoader(data, batch_size=4, sampler=SubsetRandomSampler(picked, generator=torch.Generator().manual_seed(0)))
+    assert [b[0].tolist() for b in calibration_batches(own)] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+    seen = sorted(v for b in calibration_batches(subset) for v in b[0].tolist())
+    assert seen == [float(i) for i in picked]
+    wrapped = DataLoader(data, batch_size=4, sampler=DistributedSamplerWrapper(
+        SubsetRandomSampler(picked, generator=torch.Generator().manual_seed(0)), num_replicas=2, rank=0, shuffle=False))
+    assert sorted(v for b in calibration_batches(wrapped) for v in b[0].tolist()) == [float(i) for i in picked]
+
+
 def test_float_lite0_scores_with_its_own_preprocessing_without_being_told(lite0):
     """Issue 18 item 9: without preprocessing= the data module reads the model's own (0.498/0.502
     mean/std for Lite0); it used ImageNet's mean/std and scored 78 instead of 89 on the 100."""

@@ -344,3 +344,17 @@ def test_tensors_over_one_shared_storage_move_together():
     assert torch.equal(a.weight, vq.quantize_weight(floats["1.weight"], 4)) and torch.equal(table, floats["1.weight"])
     vq.restore_model(model)
     assert _same(model, floats) and _storages(model) == storages
+
+
+def test_restore_after_a_cast_of_a_model_in_shared_memory_follows_the_cast():
+    """The shared storage is given back only while the tensor has its device and dtype; a
+    model cast (or moved, as Lightning's teardown moves it to the CPU) after quantizing gets
+    its floats copied in, in the new dtype."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)).share_memory()
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+    vq.quantize_model(net, 4, None)
+    net.double()
+    vq.restore_model(net)
+    assert {v.dtype for v in net.state_dict().values()} == {torch.float64}
+    assert all(torch.equal(net.state_dict()[k], v.double()) for k, v in ref.items())
+    net(torch.rand(1, 3, 4, 4, dtype=torch.float64))

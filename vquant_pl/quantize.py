@@ -416,7 +416,7 @@ class _View:
         extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
         lo = t.storage_offset() * t.element_size()
         return cls(storage_key(t), (t.device, t.untyped_storage().data_ptr()), lo, lo + extent * t.element_size(),
-                   t.is_shared())
+                   t.device.type == "cpu" and t.is_shared())
 
     def overlaps(self, other: "_View") -> bool:
         """Other elements of one storage, some of them in common."""

@@ -128,7 +128,7 @@ def save_original(module: nn.Module, name: str) -> bool:
         run.saved[key] = tensor
         run.changed.append((module, name))
     with torch.no_grad():
-        if tensor.is_shared():
+        if _in_shared_memory(tensor):
             _keep(module, name, tensor.detach())  # the shared storage itself, never written
             tensor.data = tensor.detach().clone()
             if run is not None:  # the same Parameter reached through another module is saved already
@@ -142,14 +142,22 @@ def _keep(module: nn.Module, name: str, value: Tensor) -> None:
     module.__dict__.setdefault(ORIGINALS, {})[name] = value
 
 
+def _in_shared_memory(tensor: Tensor) -> bool:
+    """A CPU tensor in shared memory (`share_memory()`, ddp_spawn); CUDA tensors always say
+    `is_shared()`, and their storage is the module's own."""
+    return tensor.device.type == "cpu" and tensor.is_shared()
+
+
 def _put_back(module: nn.Module, name: str, value: Tensor) -> None:
     """Restore `module.<name>` from its original: an original in shared memory is the storage
-    the tensor had (`save_original`), given back; any other is copied in."""
+    the tensor had (`save_original`), given back while the tensor still has its device and
+    dtype; any other (or a tensor moved or cast since) is copied in, following the move."""
     tensor = getattr(module, name)
-    if value.is_shared():
+    if _in_shared_memory(value) and (value.device, value.dtype, value.shape) == (tensor.device, tensor.dtype, tensor.shape):
         tensor.data = value
     else:
-        tensor.copy_(value)
+        with torch.no_grad():
+            tensor.copy_(value)
 
 
 def originals(module: nn.Module) -> dict[str, Tensor]:

@@ -174,6 +174,19 @@ def test_a_batchnorm_act_that_does_not_commute_with_a_scale_is_skipped_and_said(
     assert torch.equal(model(x), ref)
 
 
+def test_a_batchnorm_act_leaky_relu_commutes_with_the_scale_and_is_equalized():
+    """timm's CSP/DarkNet models: LeakyReLU(f x) = f LeakyReLU(x) for f > 0."""
+    pytest.importorskip("timm")
+    model = _bn_act_net(lambda: nn.LeakyReLU(0.1))
+    x = torch.rand(2, 3, 12, 12)
+    ref = model(x)
+    groups = equalize(model, save=vq.save_original)
+    assert [g.skipped for g in groups] == [None, None] and not torch.equal(groups[0].scales, torch.ones(8))
+    assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-5)
+    vq.restore_model(model)
+    assert torch.equal(model(x), ref)
+
+
 def test_a_skipped_group_is_noted_on_its_consumers_rows():
     pytest.importorskip("timm")
     model = _bn_act_net(nn.SiLU)

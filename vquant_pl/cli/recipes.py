@@ -124,7 +124,7 @@ def sample_tensors(model_name: str, folder: str | Path = DEFAULT_DATA[0], cache_
     import hashlib
     import json
 
-    from vquant_pl.datamodules.imagenet import open_image, scan
+    from vquant_pl.datamodules.imagenet import open_image, scan, to_rgb
 
     from ..models import create_model
     from ..ops.build import untrusted
@@ -147,7 +147,7 @@ def sample_tensors(model_name: str, folder: str | Path = DEFAULT_DATA[0], cache_
     images = []
     for f, _ in samples:
         with open_image(f) as img:
-            images.append(transform(img.convert("RGB")))
+            images.append(transform(to_rgb(img)))
     labels = torch.tensor([label for _, label in samples])
     if why:
         return torch.stack(images), labels

@@ -140,10 +140,21 @@ def _bytes(t: Tensor) -> tuple[int, int]:
     return start * t.element_size(), end * t.element_size()
 
 
+def _after(bn: nn.Module) -> tuple[float, float] | str | None:
+    """`bn_activation`, with a LeakyReLU (timm's CSP and DarkNet `BatchNormAct2d`) as nothing:
+    it commutes with a positive per-channel scale, as a linear stream does."""
+    after = bn_activation(bn)
+    act = getattr(bn, "act", None)
+    if isinstance(after, str) and isinstance(act, nn.LeakyReLU) and act.negative_slope >= 0 and \
+            isinstance(getattr(bn, "drop", nn.Identity()), (nn.Identity, nn.Dropout)):
+        return None
+    return after
+
+
 def _why_skipped(group: EqualizationGroup, modules: dict, calls: Counter, memory: dict) -> str | None:
     """Why scaling `group` would change the float network or would not last, naming the layers; None if safe."""
     for name in group.producers:  # what a BatchNorm applies itself: nothing, ReLU, or the group's clip from 0
-        after = bn_activation(modules[name])
+        after = _after(modules[name])
         if after is None or after == (0.0, math.inf) or (after == group.clip and after[0] == 0.0):
             continue
         what = after if isinstance(after, str) else f"clips to [{after[0]}, {after[1]}] after normalizing"
@@ -197,11 +208,11 @@ def find_groups(model: nn.Module) -> list[EqualizationGroup]:
         if found is not None:
             producers, consumers = found
             done.update(producers)
-            after = bn_activation(bn) if len(producers) == 1 else None
+            after = _after(bn) if len(producers) == 1 else None
             if consumers and all(modules[p].affine for p in producers):
                 group = EqualizationGroup(producers, sorted(set(consumers), key=consumers.index),
                                           after if isinstance(after, tuple) else None)
-        elif bn_activation(bn) is None:
+        elif _after(bn) is None:
             users = list(node.users)
             act = users[0] if len(users) == 1 and _clip_of(users[0], modules) is not None else None
             if act is not None and act.users and all(_consumer(act, u, modules) for u in act.users):
