@@ -70,8 +70,9 @@ class VQuantCallback(pl.Callback):
             first batch (raised at its end; the message names the modules tried).
 
     Calibration (act_range max, percentile, mse, entropy): the first `calib_batches` batches
-    of the data module's `val_dataloader()` dataset, in order, at its batch size, whatever its
-    sampler, so every world size calibrates on the same images (rank 0's are broadcast).
+    of the data module's `val_dataloader()`, read without a `DistributedSampler`
+    (`calibration_batches`), so every world size calibrates on the same images (rank 0's
+    ranges are broadcast).
 
     Failures: a failed Trainer call restores the float weights only when it failed while this
     callback's own quantized run was in progress (from its quantization to the end of that

@@ -28,7 +28,7 @@ from .report import LayerReport, QuantReport
 from .methods.bn_graph import bn_call_stats
 from .layers import BATCHNORMS, QUANTIZABLE, in_channels, input_channel_dim, quantizable_layers, recomputed_by
 from .state import (LayerState, RunInfo, attach_state, has_state, input_quantizer, iter_states, restore_all,
-                    run_scope, save_original, storage_key, undo_run)
+                    byte_range, in_shared_memory, run_scope, save_original, storage_key, storage_of, undo_run)
 from .ops.weights import check_weight, quantize_weight
 
 #: Bits of the last layer's input (docs/quantization-rules.md rule 4).
@@ -413,10 +413,7 @@ class _View:
 
     @classmethod
     def of(cls, t: Tensor) -> "_View":
-        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-        lo = t.storage_offset() * t.element_size()
-        return cls(storage_key(t), (t.device, t.untyped_storage().data_ptr()), lo, lo + extent * t.element_size(),
-                   t.device.type == "cpu" and t.is_shared())
+        return cls(storage_key(t), storage_of(t), *byte_range(t), in_shared_memory(t))
 
     def overlaps(self, other: "_View") -> bool:
         """Other elements of one storage, some of them in common."""

@@ -66,8 +66,25 @@ class LayerState:
 
 def storage_key(tensor: Tensor) -> tuple:
     """What identifies the memory a tensor views: equal for two Parameters over one storage."""
-    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-            tuple(tensor.stride()))
+    return (*storage_of(tensor), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def storage_of(tensor: Tensor) -> tuple:
+    """(device, data pointer) of the storage a tensor views: equal for any two views of it."""
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def byte_range(tensor: Tensor) -> tuple[int, int]:
+    """`[first, end)` bytes of its storage that a tensor views."""
+    start = tensor.storage_offset()
+    end = start + 1 + sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride())) if tensor.numel() else start
+    return start * tensor.element_size(), end * tensor.element_size()
+
+
+def in_shared_memory(tensor: Tensor) -> bool:
+    """A CPU tensor in shared memory (`share_memory()`, ddp_spawn); CUDA tensors always say
+    `is_shared()`, and their storage is the module's own."""
+    return tensor.device.type == "cpu" and tensor.is_shared()
 
 
 @dataclass
@@ -120,7 +137,7 @@ def save_original(module: nn.Module, name: str) -> bool:
         key = storage_key(tensor)
         first = run.saved.get(key)
         if first is not None:
-            if first.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+            if storage_of(first) != storage_of(tensor):
                 _keep(module, name, tensor.detach())  # `first` moved to a private copy: this tensor follows it
                 tensor.data = first.data
                 run.changed.append((module, name))
@@ -128,7 +145,7 @@ def save_original(module: nn.Module, name: str) -> bool:
         run.saved[key] = tensor
         run.changed.append((module, name))
     with torch.no_grad():
-        if _in_shared_memory(tensor):
+        if in_shared_memory(tensor):
             _keep(module, name, tensor.detach())  # the shared storage itself, never written
             tensor.data = tensor.detach().clone()
             if run is not None:  # the same Parameter reached through another module is saved already
@@ -142,18 +159,12 @@ def _keep(module: nn.Module, name: str, value: Tensor) -> None:
     module.__dict__.setdefault(ORIGINALS, {})[name] = value
 
 
-def _in_shared_memory(tensor: Tensor) -> bool:
-    """A CPU tensor in shared memory (`share_memory()`, ddp_spawn); CUDA tensors always say
-    `is_shared()`, and their storage is the module's own."""
-    return tensor.device.type == "cpu" and tensor.is_shared()
-
-
 def _put_back(module: nn.Module, name: str, value: Tensor) -> None:
     """Restore `module.<name>` from its original: an original in shared memory is the storage
     the tensor had (`save_original`), given back while the tensor still has its device and
     dtype; any other (or a tensor moved or cast since) is copied in, following the move."""
     tensor = getattr(module, name)
-    if _in_shared_memory(value) and (value.device, value.dtype, value.shape) == (tensor.device, tensor.dtype, tensor.shape):
+    if in_shared_memory(value) and (value.device, value.dtype, value.shape) == (tensor.device, tensor.dtype, tensor.shape):
         tensor.data = value
     else:
         with torch.no_grad():

@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..layers import BATCHNORMS, QUANTIZABLE, is_depthwise, per_input_channel, recomputed_by
-from ..state import SaveFn, save_original
+from ..state import SaveFn, byte_range, save_original, storage_of
 from .bn_graph import LeafTracer, bn_activation
 
 __all__ = ["EqualizationGroup", "equalize", "find_groups"]
@@ -125,19 +125,8 @@ def _memory(model: nn.Module) -> dict[tuple, list[tuple[str, int, int]]]:
     for owner, module in model.named_modules():
         for name, t in [*module._parameters.items(), *module._buffers.items()]:
             if t is not None:
-                out.setdefault(_storage(t), []).append((f"{owner}.{name}" if owner else name, *_bytes(t)))
+                out.setdefault(storage_of(t), []).append((f"{owner}.{name}" if owner else name, *byte_range(t)))
     return out
-
-
-def _storage(t: Tensor) -> tuple:
-    return t.device, t.untyped_storage().data_ptr()
-
-
-def _bytes(t: Tensor) -> tuple[int, int]:
-    """The byte range of its storage that `t` views."""
-    start = t.storage_offset()
-    end = start + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else start
-    return start * t.element_size(), end * t.element_size()
 
 
 def _after(bn: nn.Module) -> tuple[float, float] | str | None:
@@ -174,8 +163,8 @@ def _why_skipped(group: EqualizationGroup, modules: dict, calls: Counter, memory
         if by is not None:
             return f"'{name}.{attr}' is recomputed on access ({by})"
         t = getattr(modules[name], attr)
-        start, end = _bytes(t)
-        shared = [other for other, lo, hi in memory.get(_storage(t), [])
+        start, end = byte_range(t)
+        shared = [other for other, lo, hi in memory.get(storage_of(t), [])
                   if other != f"{name}.{attr}" and lo < end and start < hi]
         if shared:
             return f"'{name}.{attr}' shares memory with {shared}"
