@@ -127,10 +127,13 @@ class VQuantCallback(pl.Callback):
             raise ValueError(f"VQuantCallback(export={export!r}) with weight_bits=None: a float baseline run "
                              "quantizes nothing, so there is no quantized model to export; set weight_bits or "
                              "drop export")
-        if export is not None and self.config is not None and self.config.bias_correction:
-            raise ValueError(f"VQuantCallback(export={export!r}) with bias_correction=True: ACIQ's per-channel "
-                             "weight correction moves the weights off their integer grid, so there are no integer "
-                             "codes to export; quantize without it or drop export")
+        if export is not None and self.config is not None:
+            from vquant_pl.export import check_config
+
+            try:
+                check_config(self.config)
+            except ValueError as err:
+                raise ValueError(f"VQuantCallback(export={export!r}): {err}; or drop export") from None
         self.export, self.export_report = export, None
         self._export_hook: _ExportOnFirstBatch | None = None
         self._exported = False  # export once per callback: a later stage leaves the file alone
